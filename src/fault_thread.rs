@@ -1,0 +1,327 @@
+//! The fault thread (`mig/dst/fault`): waits on the userfaultfd, the kick eventfd and every
+//! shared userfaultfd; turns each missing-page fault into one page request.
+use crate::host::{LogLevel, PageRequest};
+use crate::incoming::{Active, Incoming};
+use crate::requests::{Counters, Pending};
+use crate::shared_ufds::SharedUfd;
+use crate::sys::uffd;
+use std::collections::hash_map::Entry;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Messages read per read(2): faults come in bursts when many vCPUs fault at once.
+const BATCH: usize = 64;
+
+pub const THREAD_NAME: &str = "mig/dst/fault";
+
+pub fn spawn(incoming: Arc<Incoming>, active: Arc<Active>) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(THREAD_NAME.into())
+        .spawn(move || {
+            incoming.host.thread_enter(THREAD_NAME);
+            block_async_signals();
+            run(&incoming, &active);
+            incoming.host.thread_exit();
+        })
+}
+
+/// Like QEMU's threads: signals go to the hypervisor's main thread, not this one.
+fn block_async_signals() {
+    // SAFETY: sigset_t is plain data; sigfillset/sigdelset/pthread_sigmask write only into
+    // the live set and this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        for sig in [libc::SIGSEGV, libc::SIGFPE, libc::SIGILL, libc::SIGBUS] {
+            libc::sigdelset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn run(inc: &Incoming, active: &Active) {
+    let mut msgs = uffd::msg_buffer(BATCH);
+    let mut shared: Vec<Arc<dyn SharedUfd>> = Vec::new();
+    let mut generation = u64::MAX;
+    let mut pollfds: Vec<libc::pollfd> = Vec::new();
+    let mut dead_shared: Vec<i32> = Vec::new();
+    let pfd = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    while !active.quit.load(Ordering::Acquire) {
+        let g = inc.shared.generation();
+        if g != generation {
+            generation = g;
+            shared = inc.shared.snapshot();
+            dead_shared.clear();
+        }
+        pollfds.clear();
+        pollfds.push(pfd(active.uffd.as_raw_fd()));
+        pollfds.push(pfd(active.kick.as_raw_fd()));
+        pollfds.extend(shared.iter().map(|s| {
+            pfd(if dead_shared.contains(&s.fd()) {
+                -1
+            } else {
+                s.fd()
+            })
+        }));
+
+        // SAFETY: pollfds is a live, correctly sized array of pollfd for the call's duration.
+        let rc = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                // Never exit: a dead fault thread freezes every vCPU that faults later.
+                inc.log(
+                    LogLevel::Error,
+                    &format!("fault thread: poll failed: {err}"),
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            continue;
+        }
+        if pollfds[1].revents != 0 {
+            active.kick.drain();
+            if active.quit.load(Ordering::Acquire) {
+                break;
+            }
+            inc.check_return_path();
+        }
+        if pollfds[0].revents & libc::POLLIN != 0 {
+            drain_uffd(inc, active, &mut msgs);
+        }
+        for (i, s) in shared.iter().enumerate() {
+            let revents = pollfds[2 + i].revents;
+            if revents & libc::POLLIN != 0 {
+                serve_shared(inc, s.as_ref());
+            } else if revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                inc.log(
+                    LogLevel::Warning,
+                    &format!(
+                        "shared userfaultfd '{}' (fd {}) failed; no longer polled",
+                        s.name(),
+                        s.fd()
+                    ),
+                );
+                dead_shared.push(s.fd());
+            }
+        }
+    }
+}
+
+fn drain_uffd(inc: &Incoming, active: &Active, msgs: &mut [uffd::UffdMsg]) {
+    loop {
+        let n = match active.uffd.read_msgs(msgs) {
+            Ok(n) => n,
+            Err(e) => {
+                inc.log(
+                    LogLevel::Error,
+                    &format!("fault thread: read from userfaultfd failed: {e}"),
+                );
+                return;
+            }
+        };
+        for msg in &msgs[..n] {
+            if let Some((addr, tid)) = uffd::pagefault_of(msg, active.thread_id) {
+                inc.handle_fault(active, addr, tid);
+            }
+        }
+        if n < msgs.len() {
+            return;
+        }
+    }
+}
+
+fn serve_shared(inc: &Incoming, s: &dyn SharedUfd) {
+    let mut msg = uffd::msg_buffer(1);
+    match uffd::read_msgs_fd(s.fd(), &mut msg) {
+        Ok(1) => {
+            Counters::bump(&inc.counters.shared_faults);
+            let rc = s.handle(&mut msg[0]);
+            if rc != 0 {
+                Counters::bump(&inc.counters.shared_handler_errors);
+                inc.log(
+                    LogLevel::Error,
+                    &format!("shared userfaultfd '{}' handler failed: {rc}", s.name()),
+                );
+            }
+        }
+        Ok(_) => {}
+        Err(e) => inc.log(
+            LogLevel::Warning,
+            &format!("read from shared userfaultfd '{}' failed: {e}", s.name()),
+        ),
+    }
+}
+
+impl Incoming {
+    /// One missing-page fault at `addr` by thread `tid`: record it once and ask the source.
+    pub fn handle_fault(&self, active: &Active, addr: u64, tid: u32) {
+        Counters::bump(&self.counters.faults);
+        let Some(block) = active.blocks.find_addr(addr) else {
+            Counters::bump(&self.counters.faults_outside_ram);
+            self.log(
+                LogLevel::Error,
+                &format!("fault at {addr:#x} is outside guest RAM; not served"),
+            );
+            return;
+        };
+        let ps = block.page_size();
+        let aligned = addr & !(ps - 1);
+        let offset = aligned - block.start();
+        let pending = Pending {
+            block: block.info.id,
+            offset,
+            len: ps,
+            haddr: addr,
+            tid,
+            sent: false,
+        };
+        match self.record_request(aligned, pending, Some(tid)) {
+            Recorded::Send(p) => self.send_request(aligned, &p, &block.info.idstr),
+            Recorded::AlreadyReceived => {
+                // Placed between the fault and now: the placement woke the thread already,
+                // but a wake is cheap insurance against a lost one.
+                let _ = active.uffd.wake(aligned as usize, ps);
+            }
+            Recorded::Duplicate | Recorded::Held => {}
+        }
+    }
+
+    /// Under the request lock: if the page is missing, run blocktime begin (for every
+    /// fault, as QEMU does) and insert it once.
+    pub fn record_request(
+        &self,
+        aligned: u64,
+        mut pending: Pending,
+        blocktime_tid: Option<u32>,
+    ) -> Recorded {
+        let mut req = self.requests.lock();
+        if self.host.recv_test(pending.block, pending.offset) {
+            Counters::bump(&self.counters.faults_already_received);
+            return Recorded::AlreadyReceived;
+        }
+        if let (Some(tid), Some(bt)) = (blocktime_tid, req.blocktime.as_mut()) {
+            bt.begin(aligned, tid);
+        }
+        let paused = req.paused;
+        match req.requested.entry(aligned) {
+            Entry::Occupied(_) => {
+                Counters::bump(&self.counters.duplicate_faults);
+                Recorded::Duplicate
+            }
+            Entry::Vacant(v) => {
+                pending.sent = !paused;
+                v.insert(pending);
+                if paused {
+                    Recorded::Held
+                } else {
+                    Recorded::Send(pending)
+                }
+            }
+        }
+    }
+
+    /// Hands one request to the host; on failure it stays recorded as unsent, for resume.
+    pub fn send_request(&self, aligned: u64, p: &Pending, idstr: &str) {
+        let req = PageRequest {
+            block: p.block,
+            idstr,
+            offset: p.offset,
+            len: p.len,
+            haddr: p.haddr,
+            tid: p.tid,
+        };
+        match self.host.request_page(&req) {
+            Ok(()) => Counters::bump(&self.counters.requests_sent),
+            Err(errno) => {
+                Counters::bump(&self.counters.request_errors);
+                self.log(
+                    LogLevel::Error,
+                    &format!(
+                        "page request for '{idstr}' offset {:#x} failed: {}",
+                        p.offset,
+                        io::Error::from_raw_os_error(errno)
+                    ),
+                );
+                let mut r = self.requests.lock();
+                if let Some(e) = r.requested.get_mut(&aligned) {
+                    e.sent = false;
+                }
+                if !self.host.return_path_ok() && !r.paused {
+                    r.paused = true;
+                    Counters::bump(&self.counters.pauses);
+                }
+            }
+        }
+    }
+
+    /// On every kick: pause while the host reports the return path down; on the way back,
+    /// send every outstanding request again, once each.
+    pub fn check_return_path(&self) {
+        let ok = self.host.return_path_ok();
+        let resend: Vec<(u64, Pending)> = {
+            let mut r = self.requests.lock();
+            if !ok {
+                if !r.paused {
+                    r.paused = true;
+                    Counters::bump(&self.counters.pauses);
+                    drop(r);
+                    self.log(
+                        LogLevel::Info,
+                        "return path down: fault thread paused, faults are recorded",
+                    );
+                }
+                return;
+            }
+            let was_paused = std::mem::replace(&mut r.paused, false);
+            let any_unsent = r.requested.values().any(|p| !p.sent);
+            if !was_paused && !any_unsent {
+                return;
+            }
+            r.requested
+                .iter_mut()
+                .map(|(a, p)| {
+                    p.sent = true;
+                    (*a, *p)
+                })
+                .collect()
+        };
+        let blocks = self.blocks();
+        for (aligned, p) in &resend {
+            let idstr = blocks
+                .as_ref()
+                .and_then(|t| t.find_id(p.block).map(|b| b.info.idstr.clone()))
+                .unwrap_or_default();
+            Counters::bump(&self.counters.resent_after_resume);
+            self.send_request(*aligned, p, &idstr);
+        }
+        if !resend.is_empty() {
+            self.log(
+                LogLevel::Info,
+                &format!(
+                    "return path back: {} outstanding requests sent again",
+                    resend.len()
+                ),
+            );
+        }
+    }
+}
+
+/// What recording a fault decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// New request: send it.
+    Send(Pending),
+    /// Already requested: nothing to send.
+    Duplicate,
+    /// New, but the return path is down: sent on resume.
+    Held,
+    /// The page arrived meanwhile.
+    AlreadyReceived,
+}
