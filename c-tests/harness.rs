@@ -201,3 +201,9 @@ fn every_prototype_matches_the_seed_exactly() {
 fn api_without_userfaultfd() {
     compile_and_run("api_basics", &[], &[]);
 }
+
+#[test]
+fn engine_migrates_256mib_with_four_vcpus() {
+    let out = compile_and_run("engine", &[], &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("engine: 4 vCPUs touched"));
+}

@@ -60,9 +60,7 @@ pub extern "C" fn postcopy_discard_send_range(
 ) {
     guard("postcopy_discard_send_range", (), || {
         if let Err(e) = with_batch(ms, false, |host, batch| {
-            batch.add_range(start, length, |n, r| {
-                host.send_discard(ms as usize, n, r)
-            })
+            batch.add_range(start, length, |n, r| host.send_discard(ms as usize, n, r))
         }) {
             log_err("postcopy_discard_send_range", &e);
         }
