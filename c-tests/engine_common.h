@@ -95,7 +95,7 @@ static inline int send_page(int fd, unsigned block, uint64_t offset)
     return write_all(fd, buf, PAGE);
 }
 
-static void *source_main(void *arg)
+static inline void *source_main(void *arg)
 {
     struct source *s = arg;
     PostcopyPageRequest r;
@@ -116,7 +116,7 @@ struct receiver {
     pthread_t thread;
 };
 
-static void *receiver_main(void *arg)
+static inline void *receiver_main(void *arg)
 {
     struct receiver *r = arg;
     static __thread uint64_t buf[PAGE / 8];

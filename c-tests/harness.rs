@@ -207,3 +207,8 @@ fn engine_migrates_256mib_with_four_vcpus() {
     let out = compile_and_run("engine", &[], &[]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("engine: 4 vCPUs touched"));
 }
+
+#[test]
+fn recovery_and_preempt() {
+    compile_and_run("recovery", &[], &[]);
+}
