@@ -249,11 +249,14 @@ impl Incoming {
                         io::Error::from_raw_os_error(errno)
                     ),
                 );
+                // Ask the host before taking the lock: no host call runs under it except
+                // the received-bitmap pair.
+                let return_path_ok = self.host.return_path_ok();
                 let mut r = self.requests.lock();
                 if let Some(e) = r.requested.get_mut(&aligned) {
                     e.sent = false;
                 }
-                if !self.host.return_path_ok() && !r.paused {
+                if !return_path_ok && !r.paused {
                     r.paused = true;
                     Counters::bump(&self.counters.pauses);
                 }

@@ -545,3 +545,153 @@ pub fn supported_by_host(host: &dyn Host, notifiers: &NotifierList, errp: ErrorS
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::PageRequest;
+    use crate::standalone::StandaloneHost;
+    use std::sync::atomic::AtomicU64;
+
+    fn host_with_block(pages: usize) -> (Arc<StandaloneHost>, AnonMapping, BlockId) {
+        let host = Arc::new(StandaloneHost::new(0));
+        let ps = host_page_size();
+        let mem = AnonMapping::new(pages * ps as usize).unwrap();
+        let b = host
+            .add_block("pc.ram", mem.addr(), (pages as u64) * ps, ps, -1, 0)
+            .unwrap();
+        (host, mem, b.id())
+    }
+
+    fn incoming(host: Arc<StandaloneHost>) -> Arc<Incoming> {
+        Arc::new(Incoming::new(
+            0x1000,
+            host,
+            Arc::new(NotifierList::new()),
+            Arc::new(SharedUfdRegistry::new()),
+        ))
+    }
+
+    #[test]
+    fn block_table_finds_blocks_and_checks_addresses() {
+        let (host, mem, id) = host_with_block(16);
+        let ps = host_page_size();
+        let table = BlockTable::from_host(&*host).unwrap();
+        let start = mem.addr() as u64;
+        assert_eq!(table.find_addr(start + 5 * ps + 17).unwrap().info.id, id);
+        assert!(table.find_addr(start + 16 * ps).is_none());
+        assert!(table.find_addr(start - 1).is_none());
+        assert!(table.check(id, start + ps).is_ok());
+        assert!(matches!(
+            table.check(id, start + 1),
+            Err(Error::Misaligned { .. })
+        ));
+        assert!(matches!(
+            table.check(id, start + 16 * ps),
+            Err(Error::OutsideRam { .. })
+        ));
+        assert!(matches!(
+            table.check(BlockId(7), start),
+            Err(Error::UnknownBlock(7))
+        ));
+    }
+
+    #[test]
+    fn duplicate_faults_are_requested_once_and_outside_faults_never() {
+        let (host, mem, _id) = host_with_block(16);
+        let sent = Arc::new(AtomicU64::new(0));
+        let s = sent.clone();
+        host.set_request_fn(Box::new(move |_, req| {
+            assert_eq!(req.length, host_page_size());
+            s.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }));
+        host.set_log_fn(Box::new(|_, _| {}));
+        let inc = incoming(host.clone());
+        inc.init().unwrap();
+        inc.setup().unwrap();
+        let active = inc.active().unwrap();
+        let ps = host_page_size();
+        let addr = mem.addr() as u64 + 3 * ps;
+        for i in 0..5 {
+            inc.handle_fault(&active, addr + i * 8, 0);
+        }
+        inc.handle_fault(&active, mem.addr() as u64 + 100 * ps, 0);
+        let c = inc.counters.snapshot();
+        assert_eq!(
+            (
+                c.faults,
+                c.requests_sent,
+                c.duplicate_faults,
+                c.faults_outside_ram
+            ),
+            (6, 1, 4, 1)
+        );
+        assert_eq!(sent.load(Ordering::SeqCst), 1);
+        assert_eq!(inc.requests.lock().requested.len(), 1);
+        // Placing the page clears the request; a later fault on it is "already received".
+        let page = vec![7u8; ps as usize];
+        inc.place_page(
+            active.blocks.find_addr(addr).unwrap().info.id,
+            addr,
+            page.as_ptr() as usize,
+        )
+        .unwrap();
+        assert!(inc.requests.lock().requested.is_empty());
+        inc.handle_fault(&active, addr, 0);
+        assert_eq!(inc.counters.snapshot().faults_already_received, 1);
+        // SAFETY: the page was just placed, so reading it does not fault.
+        assert_eq!(unsafe { *(addr as *const u8) }, 7);
+        drop(active);
+        inc.cleanup().unwrap();
+        assert!(!inc.is_set_up());
+    }
+
+    struct NoBlocksHost;
+    impl Host for NoBlocksHost {
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+        fn ram_blocks(&self) -> Vec<RamBlockInfo> {
+            vec![RamBlockInfo {
+                id: BlockId(1),
+                idstr: "odd".into(),
+                host: 0x10_0000,
+                offset: 0,
+                used_length: 0x1800,
+                page_size: 0x1000,
+                fd: -1,
+                fd_offset: 0,
+            }]
+        }
+        fn recv_test(&self, _: BlockId, _: u64) -> bool {
+            false
+        }
+        fn recv_set_range(&self, _: BlockId, _: u64, _: u64) {}
+        fn discard_range(&self, _: &RamBlockInfo, _: u64, _: u64) -> Result<()> {
+            Ok(())
+        }
+        fn request_page(&self, _: &PageRequest<'_>) -> std::result::Result<(), i32> {
+            Ok(())
+        }
+        fn send_discard(
+            &self,
+            _: usize,
+            _: &str,
+            _: &[(u64, u64)],
+        ) -> std::result::Result<(), i32> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn probe_names_a_block_of_partial_pages() {
+        let err = supported_by_host(&NoBlocksHost, &NotifierList::new(), ErrorSlot(0)).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "RAM block 'odd' length 0x1800 is not a multiple of its page size 0x1000"
+            ),
+            "{err}"
+        );
+    }
+}

@@ -125,9 +125,13 @@ impl Incoming {
     /// Waits until no request is outstanding. Returns early, with a message, when the
     /// return path is down or the fault thread is paused: nobody would answer.
     pub fn wait_requests_drained(&self) -> bool {
-        let mut req = self.requests.lock();
-        while !req.requested.is_empty() {
-            if req.paused || !self.host.return_path_ok() {
+        loop {
+            let return_path_ok = self.host.return_path_ok();
+            let mut req = self.requests.lock();
+            if req.requested.is_empty() {
+                return true;
+            }
+            if req.paused || !return_path_ok {
                 let n = req.requested.len();
                 drop(req);
                 self.log(LogLevel::Warning, &format!("{n} page requests outstanding and the source is gone; not waiting for them"));
@@ -135,7 +139,6 @@ impl Incoming {
             }
             self.drained.wait_for(&mut req, DRAIN_POLL);
         }
-        true
     }
 }
 
