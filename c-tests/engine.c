@@ -16,7 +16,7 @@ struct vcpu {
     uint8_t *bases[2];
     uint8_t *touched[2]; /* per-page flags, this vCPU's own pages only */
     long distinct;
-    uint32_t tid;
+    uint32_t tid; /* written by the thread itself, read by main */
     long bad;
     pthread_t thread;
 };
@@ -27,7 +27,7 @@ static void *vcpu_main(void *arg)
 {
     struct vcpu *v = arg;
     uint64_t seed = 0x9e3779b97f4a7c15ULL * (v->index + 1);
-    v->tid = (uint32_t)syscall(SYS_gettid);
+    __atomic_store_n(&v->tid, (uint32_t)syscall(SYS_gettid), __ATOMIC_RELEASE);
     while (!atomic_load(&vcpus_go))
         ;
     for (int i = 0; i < TOUCHES; i++) {
@@ -64,6 +64,23 @@ static void run_migration(PostcopyStandaloneHost *host, MigrationIncomingState *
     CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, data), 0);
     CHECK_EQ(postcopy_standalone_set_request_fd(host, req[0]), 0);
 
+    for (int i = 0; i < NVCPU; i++) {
+        memset(&v[i], 0, sizeof(v[i]));
+        v[i].index = i;
+        for (int b = 0; b < 2; b++) {
+            v[i].bases[b] = bases[b];
+            v[i].touched[b] = calloc(block_len[b] / PAGE, 1);
+        }
+        pthread_create(&v[i].thread, NULL, vcpu_main, &v[i]);
+    }
+    /* The vCPU threads exist before setup so their thread ids can be registered. */
+    for (int i = 0; i < NVCPU; i++) {
+        while (!__atomic_load_n(&v[i].tid, __ATOMIC_ACQUIRE))
+            usleep(100);
+        CHECK_EQ(postcopy_standalone_add_vcpu(host, i, v[i].tid), 0);
+    }
+    CHECK_EQ(postcopy_standalone_set_capabilities(host, true, false), 0);
+
     CHECK_EQ(postcopy_ram_incoming_init(mis), 0);
     CHECK_EQ(postcopy_ram_prepare_discard(mis), 0);
     CHECK_EQ(postcopy_state_get(), POSTCOPY_INCOMING_DISCARD);
@@ -81,15 +98,6 @@ static void run_migration(PostcopyStandaloneHost *host, MigrationIncomingState *
     pthread_create(&src.thread, NULL, source_main, &src);
     pthread_create(&rcv.thread, NULL, receiver_main, &rcv);
 
-    for (int i = 0; i < NVCPU; i++) {
-        memset(&v[i], 0, sizeof(v[i]));
-        v[i].index = i;
-        for (int b = 0; b < 2; b++) {
-            v[i].bases[b] = bases[b];
-            v[i].touched[b] = calloc(block_len[b] / PAGE, 1);
-        }
-        pthread_create(&v[i].thread, NULL, vcpu_main, &v[i]);
-    }
     atomic_store(&vcpus_go, 1);
     long distinct = 0, bad = 0;
     for (int i = 0; i < NVCPU; i++) {
@@ -98,6 +106,27 @@ static void run_migration(PostcopyStandaloneHost *host, MigrationIncomingState *
         bad += v[i].bad;
     }
     CHECK_EQ(bad, 0);
+
+    /* Blocktime: each vCPU's fault count is exactly the pages it faulted on (its pages are
+     * its own and nothing else places pages yet), and each was blocked for some time. */
+    PostcopyBlocktimeInfo bt;
+    uint64_t vfaults[NVCPU], vns[NVCPU];
+    uint32_t vms[NVCPU];
+    CHECK_EQ(postcopy_blocktime_query(mis, &bt, vms, vns, vfaults, NULL, NVCPU), NVCPU);
+    for (int i = 0; i < NVCPU; i++) {
+        CHECK_EQ(vfaults[i], v[i].distinct);
+        CHECK(vns[i] > 0, "vCPU %d blocktime %llu ns", i, (unsigned long long)vns[i]);
+    }
+    CHECK_EQ(bt.faults, distinct);
+    CHECK_EQ(bt.resolved_faults, distinct);
+    CHECK_EQ(bt.non_vcpu_faults, 0);
+    CHECK_EQ(bt.outstanding_faults, 0);
+    uint64_t hist = 0;
+    for (int i = 0; i < POSTCOPY_LATENCY_BUCKETS; i++)
+        hist += bt.latency_histogram[i];
+    CHECK_EQ(hist, distinct);
+    printf("engine: blocktime total %u ms, vCPU0 %u ms over %llu faults, average fault latency %llu us\n",
+           bt.total_blocktime_ms, vms[0], (unsigned long long)vfaults[0], (unsigned long long)bt.latency_avg_ns / 1000);
 
     PostcopyIncomingStats st;
     CHECK_EQ(postcopy_incoming_get_stats(mis, &st), 0);
@@ -150,6 +179,9 @@ static void run_migration(PostcopyStandaloneHost *host, MigrationIncomingState *
 
     CHECK_EQ(postcopy_ram_incoming_cleanup(mis), 0);
     CHECK_EQ(postcopy_ram_incoming_cleanup(mis), 0); /* twice */
+    /* Blocktime stays readable after cleanup. */
+    CHECK_EQ(postcopy_blocktime_query(mis, &bt, NULL, NULL, NULL, NULL, 0), NVCPU);
+    CHECK_EQ(bt.faults, distinct);
     CHECK_EQ(postcopy_place_page(mis, bases[0], buf, rbs[0]), -ENODEV); /* after cleanup */
 
     shutdown(req[0], SHUT_RDWR);

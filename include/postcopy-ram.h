@@ -126,8 +126,10 @@ typedef struct PostcopyBlocktimeInfo {
   uint32_t vcpu_count;
   // The same total in ns.
   uint64_t total_blocktime_ns;
-  // Average latency over all resolved faults, ns (QMP postcopy-latency).
+  // Average latency over all resolved faults, ns.
   uint64_t latency_avg_ns;
+  // QEMU 10.1's postcopy-latency: summed vCPU blocktime over faults begun, ns.
+  uint64_t qmp_latency_ns;
   // Faults begun (vCPU and non-vCPU).
   uint64_t faults;
   // Faults resolved by a placement.
@@ -427,7 +429,7 @@ void mark_postcopy_blocktime_begin(uintptr_t addr, uint32_t ptid, RAMBlock *rb);
 // final ones after cleanup until the next setup. `*info` is filled; each per-vCPU array
 // that is not NULL receives up to `capacity` entries indexed by vCPU index:
 // blocktime in ms (QMP postcopy-vcpu-blocktime) and ns, fault counts, and average latency
-// in ns (QMP postcopy-vcpu-latency).
+// in ns over that vCPU's resolved faults (QEMU's postcopy-vcpu-latency divides by faults begun).
 //
 // Thread: any. Returns the number of vCPUs tracked (may exceed `capacity`); -EINVAL for a
 // NULL `mis` or `info`; -ENOENT when `mis` has no context; -ENODATA when blocktime was

@@ -46,8 +46,10 @@ pub struct PostcopyBlocktimeInfo {
     pub vcpu_count: u32,
     /// The same total in ns.
     pub total_blocktime_ns: u64,
-    /// Average latency over all resolved faults, ns (QMP postcopy-latency).
+    /// Average latency over all resolved faults, ns.
     pub latency_avg_ns: u64,
+    /// QEMU 10.1's postcopy-latency: summed vCPU blocktime over faults begun, ns.
+    pub qmp_latency_ns: u64,
     /// Faults begun (vCPU and non-vCPU).
     pub faults: u64,
     /// Faults resolved by a placement.
@@ -69,7 +71,7 @@ pub struct PostcopyBlocktimeInfo {
 /// final ones after cleanup until the next setup. `*info` is filled; each per-vCPU array
 /// that is not NULL receives up to `capacity` entries indexed by vCPU index:
 /// blocktime in ms (QMP postcopy-vcpu-blocktime) and ns, fault counts, and average latency
-/// in ns (QMP postcopy-vcpu-latency).
+/// in ns over that vCPU's resolved faults (QEMU's postcopy-vcpu-latency divides by faults begun).
 ///
 /// Thread: any. Returns the number of vCPUs tracked (may exceed `capacity`); -EINVAL for a
 /// NULL `mis` or `info`; -ENOENT when `mis` has no context; -ENODATA when blocktime was
@@ -99,6 +101,7 @@ pub extern "C" fn postcopy_blocktime_query(
             vcpu_count: stats.vcpus.len() as u32,
             total_blocktime_ns: stats.total_blocktime_ns,
             latency_avg_ns: stats.latency_avg_ns,
+            qmp_latency_ns: stats.qmp_latency_ns(),
             faults: stats.faults,
             resolved_faults: stats.resolved_faults,
             non_vcpu_faults: stats.non_vcpu_faults,
