@@ -207,8 +207,9 @@ typedef struct PostcopyHostOps {
   void (*recv_bitmap_set_range)(void *opaque, RAMBlock *rb, uint64_t offset, uint64_t length);
   // Required for setup. Sends a request for `length` bytes at page-aligned `offset` of
   // `rb` (named `idstr`) to the source; `haddr` is the faulting address, `tid` the
-  // faulting thread (0 if unknown). Fault thread. Returns 0 or a negative errno (the
-  // request is then sent again when the return path is back).
+  // faulting thread (0 if unknown). Fault thread only. Returns 0 when sent; 1 when the
+  // page is discarded on the source side and will never be sent (the library then places
+  // a zero page); or a negative errno (the request is sent again after recovery).
   int (*request_page)(void *opaque,
                       RAMBlock *rb,
                       const char *idstr,
@@ -271,6 +272,30 @@ typedef struct PostcopyHostOps {
   int (*preempt_load)(void *opaque, MigrationIncomingState *mis, QEMUFile *file);
   // Optional (destination, preempt). Shuts `file` down so a blocked `preempt_load` returns.
   void (*preempt_shutdown)(void *opaque, MigrationIncomingState *mis, QEMUFile *file);
+  // Optional. Called for each block at postcopy_ram_incoming_init, before its contents
+  // are discarded (QEMU: `rb->postcopy_length = used_length`); the block is described
+  // again afterwards. Main thread.
+  void (*ram_block_incoming_init)(void *opaque, RAMBlock *rb);
+  // Optional. Blocks the fault thread until the host has recovered the return path
+  // (QEMU 10.0: `qemu_sem_wait(&mis->postcopy_pause_sem_fault)`); called on the fault
+  // thread when it finds return_path_ok false. Every outstanding request is sent again
+  // when it returns. The host must make it return before cleanup joins the fault thread.
+  // Without it: the fault thread keeps recording faults and resumes when kicked
+  // (postcopy_fault_thread_notify) with the return path up.
+  int (*wait_for_recovery)(void *opaque, MigrationIncomingState *mis);
+  // Optional. At the end of setup (before the preempt thread starts): the `channels`
+  // temp pages and the zero page, each of the largest block page size, for a host whose
+  // own code assembles pages in them (QEMU: `mis->postcopy_tmp_pages`,
+  // `postcopy_tmp_zero_page`). At cleanup: channels 0 and NULLs. Main thread.
+  void (*publish_temp_pages)(void *opaque,
+                             MigrationIncomingState *mis,
+                             uint32_t channels,
+                             void *const *tmp_pages,
+                             void *zero_page);
+  // Optional (destination, preempt). The source connected the preempt channel `file`
+  // (QEMU: set `mis->postcopy_qemufile_dst`, post `postcopy_qemufile_dst_done`). Called
+  // by postcopy_preempt_new_channel before the library's preempt thread is handed it.
+  void (*preempt_channel_arrived)(void *opaque, MigrationIncomingState *mis, QEMUFile *file);
 } PostcopyHostOps;
 
 // Counters of one incoming context (not part of QEMU's header).

@@ -1,6 +1,6 @@
 //! The fault thread (`mig/dst/fault`): waits on the userfaultfd, the kick eventfd and every
 //! shared userfaultfd; turns each missing-page fault into one page request.
-use crate::host::{LogLevel, PageRequest};
+use crate::host::{LogLevel, PageRequest, RequestOutcome};
 use crate::incoming::{Active, Incoming};
 use crate::requests::{Counters, Pending};
 use crate::shared_ufds::SharedUfd;
@@ -238,7 +238,19 @@ impl Incoming {
             tid: p.tid,
         };
         match self.host.request_page(&req) {
-            Ok(()) => Counters::bump(&self.counters.requests_sent),
+            Ok(RequestOutcome::Sent) => Counters::bump(&self.counters.requests_sent),
+            Ok(RequestOutcome::Discarded) => {
+                // The source will never send it: it reads as zeros.
+                if let Err(e) = self.place_zero_page(p.block, aligned) {
+                    self.log(
+                        LogLevel::Error,
+                        &format!(
+                            "zero page for discarded '{idstr}' offset {:#x}: {e}",
+                            p.offset
+                        ),
+                    );
+                }
+            }
             Err(errno) => {
                 Counters::bump(&self.counters.request_errors);
                 self.log(
@@ -265,23 +277,24 @@ impl Incoming {
     }
 
     /// On every kick: pause while the host reports the return path down; on the way back,
-    /// send every outstanding request again, once each.
+    /// send every outstanding request again, once each. A host with a recovery wait (QEMU
+    /// 10.0) blocks the fault thread here until it has recovered.
     pub fn check_return_path(&self) {
-        let ok = self.host.return_path_ok();
-        let resend: Vec<(u64, Pending)> = {
-            let mut r = self.requests.lock();
-            if !ok {
-                if !r.paused {
-                    r.paused = true;
-                    Counters::bump(&self.counters.pauses);
-                    drop(r);
-                    self.log(
-                        LogLevel::Info,
-                        "return path down: fault thread paused, faults are recorded",
-                    );
-                }
+        if !self.host.return_path_ok() {
+            let newly_paused = !std::mem::replace(&mut self.requests.lock().paused, true);
+            if newly_paused {
+                Counters::bump(&self.counters.pauses);
+                self.log(
+                    LogLevel::Info,
+                    "return path down: fault thread paused, faults are recorded",
+                );
+            }
+            if self.host.wait_for_recovery(self.mis).is_none() {
                 return;
             }
+        }
+        let resend: Vec<(u64, Pending)> = {
+            let mut r = self.requests.lock();
             let was_paused = std::mem::replace(&mut r.paused, false);
             let any_unsent = r.requested.values().any(|p| !p.sent);
             if !was_paused && !any_unsent {

@@ -45,6 +45,16 @@ pub struct PageRequest<'a> {
     pub tid: u32,
 }
 
+/// What the host did with a page request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// Sent to the source.
+    Sent,
+    /// Not sent: the page is discarded on the source side (QEMU: a RamDiscardManager
+    /// range), so the library places a zero page for it.
+    Discarded,
+}
+
 /// Log levels the host may filter on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -103,9 +113,12 @@ pub trait Host: Send + Sync + std::any::Any {
     /// the memory so the next access faults. Main thread.
     fn discard_range(&self, block: &RamBlockInfo, start: u64, len: u64) -> crate::Result<()>;
 
+    /// Called for each block at `postcopy_ram_incoming_init`, before its contents are
+    /// discarded (QEMU: `rb->postcopy_length = used_length`). Main thread.
+    fn block_incoming_init(&self, _block: BlockId) {}
+
     /// Sends a page request to the source. Fault thread (or a shared handler's thread).
-    /// Returns a positive errno on failure.
-    fn request_page(&self, req: &PageRequest<'_>) -> Result<(), i32>;
+    fn request_page(&self, req: &PageRequest<'_>) -> Result<RequestOutcome, i32>;
 
     /// A page was placed (after the received bitmap was updated). Placing thread.
     fn page_placed(&self, _block: BlockId, _offset: u64, _len: u64) {}
@@ -115,6 +128,18 @@ pub trait Host: Send + Sync + std::any::Any {
     fn return_path_ok(&self) -> bool {
         true
     }
+
+    /// Blocks the fault thread until the host has recovered the return path (QEMU 10.0:
+    /// `postcopy_pause_sem_fault`). `None`: the host has no such wait; the fault thread then
+    /// keeps recording faults and resumes when kicked with the return path up.
+    fn wait_for_recovery(&self, _mis: usize) -> Option<()> {
+        None
+    }
+
+    /// The temp pages (one per channel) and the zero page exist (end of setup), or are gone
+    /// (cleanup: empty slice, 0), for a host whose own code reads them (QEMU's
+    /// `mis->postcopy_tmp_pages`). Main thread.
+    fn publish_temp_pages(&self, _mis: usize, _tmp_pages: &[usize], _zero_page: usize) {}
 
     /// Sends one discard command (source side): `ranges` are (start, length) in bytes.
     fn send_discard(&self, ms: usize, name: &str, ranges: &[(u64, u64)]) -> Result<(), i32>;
@@ -173,6 +198,10 @@ pub trait Host: Send + Sync + std::any::Any {
 
     /// Destination: shut the preempt channel so a blocked `preempt_load` returns. Cleanup.
     fn preempt_shutdown(&self, _mis: usize, _file: usize) {}
+
+    /// Destination: the source connected the preempt channel `file` (QEMU: store it in
+    /// `mis->postcopy_qemufile_dst` and post `postcopy_qemufile_dst_done`). Main thread.
+    fn preempt_channel_arrived(&self, _mis: usize, _file: usize) {}
 }
 
 /// The seed's QAPI numbering of `MigrationStatus` (QEMU 9.1 to 10.1).

@@ -244,6 +244,10 @@ impl Incoming {
         if self.is_set_up() {
             return Err(Error::AlreadySetUp);
         }
+        for b in BlockTable::from_host(&*self.host)?.iter() {
+            self.host.block_incoming_init(b.info.id);
+        }
+        // Described again: the hook may have fixed the length postcopy covers.
         let table = BlockTable::from_host(&*self.host)?;
         for b in table.iter() {
             self.host.discard_range(&b.info, 0, b.len())?;
@@ -279,11 +283,9 @@ impl Incoming {
         if self.is_set_up() {
             return Err(Error::AlreadySetUp);
         }
-        let snapshot = match life.blocks.clone() {
-            Some(t) => t,
-            None => Arc::new(BlockTable::from_host(&*self.host)?),
-        };
-        let mut table = (*snapshot).clone();
+        // Read again rather than reuse init's snapshot: a host may resize a block while
+        // still in ADVISE (QEMU's ram_mig_ram_block_resized updates postcopy_length).
+        let mut table = BlockTable::from_host(&*self.host)?;
 
         let uffd =
             Userfaultfd::open(true, uffd::FEATURE_THREAD_ID).map_err(Error::UffdUnavailable)?;
@@ -344,6 +346,9 @@ impl Incoming {
             .map_err(|e| Error::os("starting the fault thread", e))?;
         *active.fault_thread.lock() = Some(handle);
         *self.active.write() = Some(active.clone());
+        let tmp: Vec<usize> = active.tmp_pages.iter().map(|m| m.addr()).collect();
+        self.host
+            .publish_temp_pages(self.mis, &tmp, active.zero_page.addr());
         if preempt {
             if let Err(e) = self.preempt.start(self.clone()) {
                 drop(life);
@@ -372,6 +377,7 @@ impl Incoming {
                 }
             }
             *self.active.write() = None;
+            self.host.publish_temp_pages(self.mis, &[], 0);
         }
         let end_rc = if life.end_owed {
             life.end_owed = false;
@@ -671,8 +677,11 @@ mod tests {
         fn discard_range(&self, _: &RamBlockInfo, _: u64, _: u64) -> Result<()> {
             Ok(())
         }
-        fn request_page(&self, _: &PageRequest<'_>) -> std::result::Result<(), i32> {
-            Ok(())
+        fn request_page(
+            &self,
+            _: &PageRequest<'_>,
+        ) -> std::result::Result<crate::host::RequestOutcome, i32> {
+            Ok(crate::host::RequestOutcome::Sent)
         }
         fn send_discard(
             &self,

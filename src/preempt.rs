@@ -200,7 +200,10 @@ impl PreemptSrc {
         while *state == SrcState::Pending {
             self.cond.wait(&mut state);
         }
-        match *state {
+        // Consumed, as QEMU's postcopy_qemufile_src_sem is: the next establish (a resume)
+        // opens a new channel.
+        let result = std::mem::replace(&mut *state, SrcState::Idle);
+        match result {
             SrcState::Ready => Ok(()),
             SrcState::Failed(errno) => Err(Error::Host {
                 what: "opening the postcopy preempt channel",

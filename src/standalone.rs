@@ -3,7 +3,9 @@
 //! callback or are written to a file descriptor, discards to a callback.
 use crate::blocktime::VcpuInfo;
 use crate::error::{Error, Result};
-use crate::host::{BlockId, ErrorSlot, Host, LogLevel, PageRequest, PreemptConnect, RamBlockInfo};
+use crate::host::{
+    BlockId, ErrorSlot, Host, LogLevel, PageRequest, PreemptConnect, RamBlockInfo, RequestOutcome,
+};
 use crate::sys::mem;
 use parking_lot::{Mutex, RwLock};
 use std::ffi::CString;
@@ -355,7 +357,7 @@ impl Host for StandaloneHost {
         })
     }
 
-    fn request_page(&self, req: &PageRequest<'_>) -> std::result::Result<(), i32> {
+    fn request_page(&self, req: &PageRequest<'_>) -> std::result::Result<RequestOutcome, i32> {
         let block = self.block(req.block).ok_or(libc::EFAULT)?;
         let record = PostcopyPageRequest {
             offset: req.offset,
@@ -369,6 +371,7 @@ impl Host for StandaloneHost {
             RequestSink::Func(f) => f(&block, &record),
             RequestSink::Fd(fd) => write_record(*fd, &record),
         }
+        .map(|()| RequestOutcome::Sent)
     }
 
     fn return_path_ok(&self) -> bool {

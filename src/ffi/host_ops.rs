@@ -8,6 +8,7 @@ use super::types::{
 use super::{guard, install_host};
 use crate::blocktime::VcpuInfo;
 use crate::error::{Error, Result};
+use crate::host::RequestOutcome;
 use crate::host::{
     self, BlockId, ErrorSlot, Host, LogLevel, PageRequest, PreemptConnect, RamBlockInfo,
 };
@@ -120,8 +121,9 @@ pub struct PostcopyHostOps {
 
     /// Required for setup. Sends a request for `length` bytes at page-aligned `offset` of
     /// `rb` (named `idstr`) to the source; `haddr` is the faulting address, `tid` the
-    /// faulting thread (0 if unknown). Fault thread. Returns 0 or a negative errno (the
-    /// request is then sent again when the return path is back).
+    /// faulting thread (0 if unknown). Fault thread only. Returns 0 when sent; 1 when the
+    /// page is discarded on the source side and will never be sent (the library then places
+    /// a zero page); or a negative errno (the request is sent again after recovery).
     pub request_page: Option<
         unsafe extern "C" fn(
             opaque: *mut c_void,
@@ -218,6 +220,44 @@ pub struct PostcopyHostOps {
     >,
     /// Optional (destination, preempt). Shuts `file` down so a blocked `preempt_load` returns.
     pub preempt_shutdown: Option<
+        unsafe extern "C" fn(
+            opaque: *mut c_void,
+            mis: *mut MigrationIncomingStateRef,
+            file: *mut QemuFileRef,
+        ),
+    >,
+
+    /// Optional. Called for each block at postcopy_ram_incoming_init, before its contents
+    /// are discarded (QEMU: `rb->postcopy_length = used_length`); the block is described
+    /// again afterwards. Main thread.
+    pub ram_block_incoming_init:
+        Option<unsafe extern "C" fn(opaque: *mut c_void, rb: *mut RamBlockRef)>,
+    /// Optional. Blocks the fault thread until the host has recovered the return path
+    /// (QEMU 10.0: `qemu_sem_wait(&mis->postcopy_pause_sem_fault)`); called on the fault
+    /// thread when it finds return_path_ok false. Every outstanding request is sent again
+    /// when it returns. The host must make it return before cleanup joins the fault thread.
+    /// Without it: the fault thread keeps recording faults and resumes when kicked
+    /// (postcopy_fault_thread_notify) with the return path up.
+    pub wait_for_recovery: Option<
+        unsafe extern "C" fn(opaque: *mut c_void, mis: *mut MigrationIncomingStateRef) -> c_int,
+    >,
+    /// Optional. At the end of setup (before the preempt thread starts): the `channels`
+    /// temp pages and the zero page, each of the largest block page size, for a host whose
+    /// own code assembles pages in them (QEMU: `mis->postcopy_tmp_pages`,
+    /// `postcopy_tmp_zero_page`). At cleanup: channels 0 and NULLs. Main thread.
+    pub publish_temp_pages: Option<
+        unsafe extern "C" fn(
+            opaque: *mut c_void,
+            mis: *mut MigrationIncomingStateRef,
+            channels: u32,
+            tmp_pages: *const *mut c_void,
+            zero_page: *mut c_void,
+        ),
+    >,
+    /// Optional (destination, preempt). The source connected the preempt channel `file`
+    /// (QEMU: set `mis->postcopy_qemufile_dst`, post `postcopy_qemufile_dst_done`). Called
+    /// by postcopy_preempt_new_channel before the library's preempt thread is handed it.
+    pub preempt_channel_arrived: Option<
         unsafe extern "C" fn(
             opaque: *mut c_void,
             mis: *mut MigrationIncomingStateRef,
@@ -425,14 +465,22 @@ impl Host for CHost {
         })
     }
 
-    fn request_page(&self, req: &PageRequest<'_>) -> std::result::Result<(), i32> {
+    fn block_incoming_init(&self, block: BlockId) {
+        if let Some(f) = self.ops.ram_block_incoming_init {
+            // SAFETY: a registered host function with its opaque and a block it listed.
+            unsafe { f(self.ops.opaque, rb_ptr(block)) }
+        }
+    }
+
+    fn request_page(&self, req: &PageRequest<'_>) -> std::result::Result<RequestOutcome, i32> {
         let f = self.ops.request_page.ok_or(libc::ENOTCONN)?;
         let idstr = msg_cstring(req.idstr);
+        let rb = rb_ptr(req.block);
         // SAFETY: a registered host function; idstr lives across the call.
         let rc = unsafe {
             f(
                 self.ops.opaque,
-                rb_ptr(req.block),
+                rb,
                 idstr.as_ptr(),
                 req.offset,
                 req.len,
@@ -440,10 +488,46 @@ impl Host for CHost {
                 req.tid,
             )
         };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(rc.abs())
+        match rc {
+            0 => Ok(RequestOutcome::Sent),
+            1 => Ok(RequestOutcome::Discarded),
+            rc => Err(rc.abs()),
+        }
+    }
+
+    fn wait_for_recovery(&self, mis: usize) -> Option<()> {
+        let f = self.ops.wait_for_recovery?;
+        // SAFETY: a registered host function with its opaque and the caller's mis.
+        unsafe { f(self.ops.opaque, mis as *mut _) };
+        Some(())
+    }
+
+    fn publish_temp_pages(&self, mis: usize, tmp_pages: &[usize], zero_page: usize) {
+        if let Some(f) = self.ops.publish_temp_pages {
+            let ptrs: Vec<*mut c_void> = tmp_pages.iter().map(|&a| a as *mut c_void).collect();
+            let list = if ptrs.is_empty() {
+                std::ptr::null()
+            } else {
+                ptrs.as_ptr()
+            };
+            let n = ptrs.len() as u32;
+            // SAFETY: a registered host function; the pointer array lives across the call.
+            unsafe {
+                f(
+                    self.ops.opaque,
+                    mis as *mut _,
+                    n,
+                    list,
+                    zero_page as *mut c_void,
+                )
+            }
+        }
+    }
+
+    fn preempt_channel_arrived(&self, mis: usize, file: usize) {
+        if let Some(f) = self.ops.preempt_channel_arrived {
+            // SAFETY: a registered host function with the pointers the host gave us.
+            unsafe { f(self.ops.opaque, mis as *mut _, file as *mut _) }
         }
     }
 

@@ -35,7 +35,11 @@ pub extern "C" fn postcopy_preempt_new_channel(
             );
         }
         match super::incoming_for(mis as usize) {
-            Ok(inc) => inc.preempt.new_channel(file as usize),
+            Ok(inc) => {
+                inc.host
+                    .preempt_channel_arrived(mis as usize, file as usize);
+                inc.preempt.new_channel(file as usize)
+            }
             Err(e) => log_err("postcopy_preempt_new_channel", &e),
         }
     })
