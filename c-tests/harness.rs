@@ -198,8 +198,11 @@ fn every_prototype_matches_the_seed_exactly() {
 }
 
 #[test]
-fn api_without_userfaultfd() {
-    compile_and_run("api_basics", &[], &[]);
+fn api_without_userfaultfd_static_and_shared() {
+    for link in [Link::Static, Link::Shared] {
+        let out = run(&compile("api_basics", link, &[]), &[]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains(" 0 failed"));
+    }
 }
 
 #[test]

@@ -18,14 +18,34 @@ const BATCH: usize = 64;
 pub const THREAD_NAME: &str = "mig/dst/fault";
 
 pub fn spawn(incoming: Arc<Incoming>, active: Arc<Active>) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(THREAD_NAME.into())
+    let host = incoming.host.clone();
+    spawn_postcopy_thread(host, THREAD_NAME, move || run(&incoming, &active))
+}
+
+/// Starts a library thread the way postcopy_thread_create starts QEMU's: named, with
+/// asynchronous signals blocked, registered with the host (`thread_enter`, QEMU's RCU
+/// registration) before it runs, and returns only once it has started.
+pub fn spawn_postcopy_thread<F>(
+    host: Arc<dyn crate::host::Host>,
+    name: &'static str,
+    body: F,
+) -> io::Result<JoinHandle<()>>
+where
+    F: FnOnce() + Send + 'static,
+{
+    let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
+    let handle = std::thread::Builder::new()
+        .name(name.into())
         .spawn(move || {
-            incoming.host.thread_enter(THREAD_NAME);
             block_async_signals();
-            run(&incoming, &active);
-            incoming.host.thread_exit();
-        })
+            host.thread_enter(name);
+            let _ = started_tx.send(());
+            body();
+            host.thread_exit();
+        })?;
+    // The thread signals after registering; a thread that died first dropped the sender.
+    let _ = started_rx.recv();
+    Ok(handle)
 }
 
 /// Like QEMU's threads: signals go to the hypervisor's main thread, not this one.

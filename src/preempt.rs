@@ -41,14 +41,11 @@ impl PreemptDst {
     pub fn start(&self, inc: Arc<Incoming>) -> Result<()> {
         let mut inner = self.inner.lock();
         inner.quit = false;
-        let handle = std::thread::Builder::new()
-            .name(THREAD_NAME.into())
-            .spawn(move || {
-                inc.host.thread_enter(THREAD_NAME);
-                inc.preempt.run(&inc);
-                inc.host.thread_exit();
-            })
-            .map_err(|e| Error::os("starting the preempt thread", e))?;
+        let host = inc.host.clone();
+        let handle = crate::fault_thread::spawn_postcopy_thread(host, THREAD_NAME, move || {
+            inc.preempt.run(&inc)
+        })
+        .map_err(|e| Error::os("starting the preempt thread", e))?;
         inner.thread = Some(handle);
         Ok(())
     }
