@@ -108,6 +108,8 @@ typedef struct MigrationIncomingState MigrationIncomingState;
 // The hypervisor's outgoing-migration state (QEMU: `MigrationState`). Opaque.
 typedef struct MigrationState MigrationState;
 
+typedef struct Option_PostcopySendDiscardFn Option_PostcopySendDiscardFn;
+
 // A standalone host (opaque). Created by postcopy_standalone_host_new.
 typedef struct PostcopyStandaloneHost PostcopyStandaloneHost;
 
@@ -226,12 +228,7 @@ typedef struct PostcopyHostOps {
   bool (*return_path_ok)(void *opaque);
   // Required for the discard_send functions (source). Sends one discard command for
   // block `name`: `n` (start, length) pairs in bytes. Migration thread. 0 or negative errno.
-  int (*send_discard)(void *opaque,
-                      MigrationState *ms,
-                      const char *name,
-                      uint16_t n,
-                      const uint64_t *starts,
-                      const uint64_t *lengths);
+  struct Option_PostcopySendDiscardFn send_discard;
   // The guest's target page size in bytes; 0 means the host page size.
   uint64_t target_page_size;
   // Optional. Writes up to `capacity` vCPUs to `out` and returns how many exist. Read
@@ -357,12 +354,7 @@ typedef int (*PostcopyRequestFn)(void *opaque,
                                  const struct PostcopyPageRequest *req);
 
 // Sends one discard command (source): `n` (start, length) pairs in bytes of block `name`.
-typedef int (*PostcopyDiscardFn)(void *opaque,
-                                 MigrationState *ms,
-                                 const char *name,
-                                 uint16_t n,
-                                 const uint64_t *starts,
-                                 const uint64_t *lengths);
+typedef struct Option_PostcopySendDiscardFn PostcopyDiscardFn;
 
 // Receives the library's log messages.
 typedef void (*PostcopyLogFn)(void *opaque, int level, const char *msg);

@@ -146,16 +146,7 @@ pub struct PostcopyHostOps {
     pub return_path_ok: Option<unsafe extern "C" fn(opaque: *mut c_void) -> bool>,
     /// Required for the discard_send functions (source). Sends one discard command for
     /// block `name`: `n` (start, length) pairs in bytes. Migration thread. 0 or negative errno.
-    pub send_discard: Option<
-        unsafe extern "C" fn(
-            opaque: *mut c_void,
-            ms: *mut MigrationStateRef,
-            name: *const c_char,
-            n: u16,
-            starts: *const u64,
-            lengths: *const u64,
-        ) -> c_int,
-    >,
+    pub send_discard: Option<PostcopySendDiscardFn>,
     /// The guest's target page size in bytes; 0 means the host page size.
     pub target_page_size: u64,
 
@@ -266,6 +257,49 @@ pub struct PostcopyHostOps {
     >,
 }
 
+/// Sends one discard command: `n` (start, length) byte pairs of block `name`.
+pub type PostcopySendDiscardFn = unsafe extern "C" fn(
+    opaque: *mut c_void,
+    ms: *mut MigrationStateRef,
+    name: *const c_char,
+    n: u16,
+    starts: *const u64,
+    lengths: *const u64,
+) -> c_int;
+
+/// Calls a C discard sender with `ranges` split into the two arrays it takes.
+///
+/// # Safety
+/// `f` is a valid function that accepts `opaque`.
+pub(crate) unsafe fn call_send_discard(
+    f: PostcopySendDiscardFn,
+    opaque: *mut c_void,
+    ms: usize,
+    name: &str,
+    ranges: &[(u64, u64)],
+) -> std::result::Result<(), i32> {
+    let name = msg_cstring(name);
+    let starts: Vec<u64> = ranges.iter().map(|r| r.0).collect();
+    let lengths: Vec<u64> = ranges.iter().map(|r| r.1).collect();
+    let n = ranges.len() as u16;
+    // SAFETY: f accepts opaque (caller's contract); name and both arrays live across the call.
+    let rc = unsafe {
+        f(
+            opaque,
+            ms as *mut _,
+            name.as_ptr(),
+            n,
+            starts.as_ptr(),
+            lengths.as_ptr(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(rc.abs())
+    }
+}
+
 /// The registered table, behind the safe `Host` trait.
 pub struct CHost {
     ops: PostcopyHostOps,
@@ -282,7 +316,7 @@ fn rb_ptr(id: BlockId) -> *mut RamBlockRef {
     id.0 as *mut RamBlockRef
 }
 
-fn msg_cstring(msg: &str) -> CString {
+pub(crate) fn msg_cstring(msg: &str) -> CString {
     CString::new(msg.replace('\0', " ")).unwrap_or_default()
 }
 
@@ -553,25 +587,8 @@ impl Host for CHost {
         ranges: &[(u64, u64)],
     ) -> std::result::Result<(), i32> {
         let f = self.ops.send_discard.ok_or(libc::ENOTCONN)?;
-        let name = msg_cstring(name);
-        let starts: Vec<u64> = ranges.iter().map(|r| r.0).collect();
-        let lengths: Vec<u64> = ranges.iter().map(|r| r.1).collect();
-        // SAFETY: a registered host function; name and both arrays live across the call.
-        let rc = unsafe {
-            f(
-                self.ops.opaque,
-                ms as *mut _,
-                name.as_ptr(),
-                ranges.len() as u16,
-                starts.as_ptr(),
-                lengths.as_ptr(),
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(rc.abs())
-        }
+        // SAFETY: a registered host function with its opaque.
+        unsafe { call_send_discard(f, self.ops.opaque, ms, name, ranges) }
     }
 
     fn vcpus(&self) -> Vec<VcpuInfo> {

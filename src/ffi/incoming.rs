@@ -3,7 +3,8 @@
 use super::host_ops::CHost;
 use super::types::{ErrorRef, MigrationIncomingStateRef, QemuThreadRef};
 use super::{
-    existing_incoming, fail, guard, host, incoming_for, log, report, require_host, NOTIFIERS,
+    existing_incoming, fail, guard, host, incoming_for, log, report, require_host, status,
+    NOTIFIERS,
 };
 use crate::error::Error;
 use crate::host::{ErrorSlot, LogLevel};
@@ -58,10 +59,7 @@ fn run(
         if mis.is_null() {
             return fail(entry, Error::NullPointer("mis"));
         }
-        match incoming_for(mis as usize).and_then(|inc| f(&inc)) {
-            Ok(()) => 0,
-            Err(e) => fail(entry, e),
-        }
+        status(entry, incoming_for(mis as usize).and_then(|inc| f(&inc)))
     })
 }
 

@@ -112,6 +112,30 @@ pub(crate) fn fail(entry: &str, err: Error) -> i32 {
     -err.errno()
 }
 
+/// 0 for success, else the logged `-errno` of the error.
+pub(crate) fn status(entry: &str, result: Result<(), Error>) -> i32 {
+    match result {
+        Ok(()) => 0,
+        Err(e) => fail(entry, e),
+    }
+}
+
+/// The fd of a caller's `PostCopyFD` and the block id of `rb`, both required.
+pub(crate) fn shared_fd_and_block(
+    pcfd: *const types::PostCopyFdRef,
+    rb: *const types::RamBlockRef,
+) -> Result<(std::os::fd::RawFd, crate::host::BlockId), Error> {
+    if pcfd.is_null() {
+        return Err(Error::NullPointer("pcfd"));
+    }
+    if rb.is_null() {
+        return Err(Error::NullPointer("rb"));
+    }
+    // SAFETY: non-NULL; reading the fd field of the caller's PostCopyFD.
+    let fd = unsafe { (*pcfd).fd };
+    Ok((fd, crate::host::BlockId(rb as usize)))
+}
+
 /// The C string at `p` as UTF-8 (lossy), or the NullPointer error naming `what`.
 ///
 /// # Safety

@@ -1,6 +1,6 @@
 //! Placement entrypoints: postcopy_place_page, postcopy_place_page_zero.
 use super::types::{MigrationIncomingStateRef, RamBlockRef};
-use super::{existing_incoming, fail, guard};
+use super::{existing_incoming, guard, status};
 use crate::error::Error;
 use crate::host::BlockId;
 use std::ffi::{c_int, c_void};
@@ -19,10 +19,7 @@ fn place(
         } else {
             existing_incoming(mis as usize).ok_or(Error::NotSetUp)
         };
-        match ctx.and_then(|inc| f(&inc, BlockId(rb as usize))) {
-            Ok(()) => 0,
-            Err(e) => fail(entry, e),
-        }
+        status(entry, ctx.and_then(|inc| f(&inc, BlockId(rb as usize))))
     })
 }
 

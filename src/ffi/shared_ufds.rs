@@ -1,7 +1,7 @@
 //! Shared-userfaultfd entrypoints (vhost-user): register, unregister, notify wake, wake,
 //! request a page.
 use super::types::{PostCopyFdRef, RamBlockRef};
-use super::{fail, guard, incoming_for_block, log, SHARED_UFDS};
+use super::{fail, guard, incoming_for_block, log, shared_fd_and_block, status, SHARED_UFDS};
 use crate::error::Error;
 use crate::host::{BlockId, LogLevel};
 use crate::shared_ufds::SharedUfd;
@@ -152,18 +152,8 @@ pub extern "C" fn postcopy_wake_shared(
     rb: *mut RamBlockRef,
 ) -> c_int {
     guard("postcopy_wake_shared", -libc::EFAULT, || {
-        let result = (|| {
-            if pcfd.is_null() || rb.is_null() {
-                return Err(Error::NullPointer(if pcfd.is_null() {
-                    "pcfd"
-                } else {
-                    "rb"
-                }));
-            }
-            // SAFETY: non-NULL; reading the fd field of the caller's PostCopyFD.
-            let fd = unsafe { (*pcfd).fd };
-            let block = BlockId(rb as usize);
-            match incoming_for_block(block) {
+        let result =
+            shared_fd_and_block(pcfd, rb).and_then(|(fd, block)| match incoming_for_block(block) {
                 Ok(inc) => inc.wake_shared(fd, client_addr, block),
                 Err(_) => {
                     let host = super::require_host()?;
@@ -174,12 +164,8 @@ pub extern "C" fn postcopy_wake_shared(
                     crate::sys::uffd::wake_fd(fd, client_addr & !(ps - 1), ps)
                         .map_err(|e| Error::os("UFFDIO_WAKE", e))
                 }
-            }
-        })();
-        match result {
-            Ok(()) => 0,
-            Err(e) => fail("postcopy_wake_shared", e),
-        }
+            });
+        status("postcopy_wake_shared", result)
     })
 }
 
@@ -198,23 +184,10 @@ pub extern "C" fn postcopy_request_shared_page(
     offset: u64,
 ) -> c_int {
     guard("postcopy_request_shared_page", -libc::EFAULT, || {
-        let result = (|| {
-            if pcfd.is_null() || rb.is_null() {
-                return Err(Error::NullPointer(if pcfd.is_null() {
-                    "pcfd"
-                } else {
-                    "rb"
-                }));
-            }
-            // SAFETY: non-NULL; reading the fd field of the caller's PostCopyFD.
-            let fd = unsafe { (*pcfd).fd };
-            let block = BlockId(rb as usize);
+        let result = shared_fd_and_block(pcfd, rb).and_then(|(fd, block)| {
             incoming_for_block(block)?.request_shared_page(fd, block, client_addr, offset)
-        })();
-        match result {
-            Ok(()) => 0,
-            Err(e) => fail("postcopy_request_shared_page", e),
-        }
+        });
+        status("postcopy_request_shared_page", result)
     })
 }
 

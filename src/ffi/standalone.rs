@@ -3,7 +3,7 @@
 use super::types::{
     ErrorRef, MigrationIncomingStateRef, MigrationStateRef, QemuFileRef, RamBlockRef,
 };
-use super::{c_str, existing_incoming, fail, guard, install_host};
+use super::{c_str, existing_incoming, fail, guard, install_host, status};
 use crate::error::Error;
 use crate::host::{BlockId, Host, LogLevel, PreemptConnect};
 use crate::standalone::{PostcopyPageRequest, StandaloneError, StandaloneHost};
@@ -25,16 +25,7 @@ pub type PostcopyRequestFn = Option<
     ) -> c_int,
 >;
 /// Sends one discard command (source): `n` (start, length) pairs in bytes of block `name`.
-pub type PostcopyDiscardFn = Option<
-    unsafe extern "C" fn(
-        opaque: *mut c_void,
-        ms: *mut MigrationStateRef,
-        name: *const c_char,
-        n: u16,
-        starts: *const u64,
-        lengths: *const u64,
-    ) -> c_int,
->;
+pub type PostcopyDiscardFn = Option<super::host_ops::PostcopySendDiscardFn>;
 /// Receives the library's log messages.
 pub type PostcopyLogFn =
     Option<unsafe extern "C" fn(opaque: *mut c_void, level: c_int, msg: *const c_char)>;
@@ -74,13 +65,6 @@ unsafe fn host_ref<'a>(p: *const PostcopyStandaloneHost) -> Result<&'a Standalon
     }
     // SAFETY: p came from Arc::into_raw in postcopy_standalone_host_new and is still alive.
     Ok(unsafe { &*(p as *const StandaloneHost) })
-}
-
-fn status(entry: &'static str, r: Result<(), Error>) -> c_int {
-    match r {
-        Ok(()) => 0,
-        Err(e) => fail(entry, e),
-    }
 }
 
 /// Creates a standalone host with the guest's target page size in bytes (0: the host page
@@ -292,25 +276,8 @@ pub extern "C" fn postcopy_standalone_set_discard_callback(
                 let opaque = Opaque(opaque);
                 h.set_discard_fn(Box::new(move |ms, name, ranges| {
                     let o = opaque;
-                    let name = std::ffi::CString::new(name).unwrap_or_default();
-                    let starts: Vec<u64> = ranges.iter().map(|r| r.0).collect();
-                    let lengths: Vec<u64> = ranges.iter().map(|r| r.1).collect();
-                    // SAFETY: the caller's callback; name and arrays live across the call.
-                    let rc = unsafe {
-                        cb(
-                            o.0,
-                            ms as *mut MigrationStateRef,
-                            name.as_ptr(),
-                            ranges.len() as u16,
-                            starts.as_ptr(),
-                            lengths.as_ptr(),
-                        )
-                    };
-                    if rc == 0 {
-                        Ok(())
-                    } else {
-                        Err(rc.abs())
-                    }
+                    // SAFETY: the caller's callback, registered with this opaque.
+                    unsafe { super::host_ops::call_send_discard(cb, o.0, ms, name, ranges) }
                 }));
                 Ok(())
             });
