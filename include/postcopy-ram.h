@@ -108,8 +108,6 @@ typedef struct MigrationIncomingState MigrationIncomingState;
 // The hypervisor's outgoing-migration state (QEMU: `MigrationState`). Opaque.
 typedef struct MigrationState MigrationState;
 
-typedef struct Option_PostcopySendDiscardFn Option_PostcopySendDiscardFn;
-
 // A standalone host (opaque). Created by postcopy_standalone_host_new.
 typedef struct PostcopyStandaloneHost PostcopyStandaloneHost;
 
@@ -170,6 +168,14 @@ typedef struct PostcopyRamBlockInfo {
   uint64_t fd_offset;
 } PostcopyRamBlockInfo;
 
+// Sends one discard command: `n` (start, length) byte pairs of block `name`.
+typedef int (*PostcopySendDiscardFn)(void *opaque,
+                                     MigrationState *ms,
+                                     const char *name,
+                                     uint16_t n,
+                                     const uint64_t *starts,
+                                     const uint64_t *lengths);
+
 // A vCPU (`PostcopyHostOps.vcpus`).
 typedef struct PostcopyVcpu {
   // QEMU's cpu_index.
@@ -228,7 +234,7 @@ typedef struct PostcopyHostOps {
   bool (*return_path_ok)(void *opaque);
   // Required for the discard_send functions (source). Sends one discard command for
   // block `name`: `n` (start, length) pairs in bytes. Migration thread. 0 or negative errno.
-  struct Option_PostcopySendDiscardFn send_discard;
+  PostcopySendDiscardFn send_discard;
   // The guest's target page size in bytes; 0 means the host page size.
   uint64_t target_page_size;
   // Optional. Writes up to `capacity` vCPUs to `out` and returns how many exist. Read
@@ -354,7 +360,7 @@ typedef int (*PostcopyRequestFn)(void *opaque,
                                  const struct PostcopyPageRequest *req);
 
 // Sends one discard command (source): `n` (start, length) pairs in bytes of block `name`.
-typedef struct Option_PostcopySendDiscardFn PostcopyDiscardFn;
+typedef PostcopySendDiscardFn PostcopyDiscardFn;
 
 // Receives the library's log messages.
 typedef void (*PostcopyLogFn)(void *opaque, int level, const char *msg);

@@ -146,7 +146,7 @@ pub struct PostcopyHostOps {
     pub return_path_ok: Option<unsafe extern "C" fn(opaque: *mut c_void) -> bool>,
     /// Required for the discard_send functions (source). Sends one discard command for
     /// block `name`: `n` (start, length) pairs in bytes. Migration thread. 0 or negative errno.
-    pub send_discard: Option<PostcopySendDiscardFn>,
+    pub send_discard: PostcopySendDiscardFn,
     /// The guest's target page size in bytes; 0 means the host page size.
     pub target_page_size: u64,
 
@@ -258,19 +258,21 @@ pub struct PostcopyHostOps {
 }
 
 /// Sends one discard command: `n` (start, length) byte pairs of block `name`.
-pub type PostcopySendDiscardFn = unsafe extern "C" fn(
-    opaque: *mut c_void,
-    ms: *mut MigrationStateRef,
-    name: *const c_char,
-    n: u16,
-    starts: *const u64,
-    lengths: *const u64,
-) -> c_int;
+pub type PostcopySendDiscardFn = Option<
+    unsafe extern "C" fn(
+        opaque: *mut c_void,
+        ms: *mut MigrationStateRef,
+        name: *const c_char,
+        n: u16,
+        starts: *const u64,
+        lengths: *const u64,
+    ) -> c_int,
+>;
 
 /// Calls a C discard sender with `ranges` split into the two arrays it takes.
 ///
 /// # Safety
-/// `f` is a valid function that accepts `opaque`.
+/// `f`, when present, is a valid function that accepts `opaque`.
 pub(crate) unsafe fn call_send_discard(
     f: PostcopySendDiscardFn,
     opaque: *mut c_void,
@@ -278,6 +280,7 @@ pub(crate) unsafe fn call_send_discard(
     name: &str,
     ranges: &[(u64, u64)],
 ) -> std::result::Result<(), i32> {
+    let f = f.ok_or(libc::ENOTCONN)?;
     let name = msg_cstring(name);
     let starts: Vec<u64> = ranges.iter().map(|r| r.0).collect();
     let lengths: Vec<u64> = ranges.iter().map(|r| r.1).collect();
@@ -586,9 +589,8 @@ impl Host for CHost {
         name: &str,
         ranges: &[(u64, u64)],
     ) -> std::result::Result<(), i32> {
-        let f = self.ops.send_discard.ok_or(libc::ENOTCONN)?;
         // SAFETY: a registered host function with its opaque.
-        unsafe { call_send_discard(f, self.ops.opaque, ms, name, ranges) }
+        unsafe { call_send_discard(self.ops.send_discard, self.ops.opaque, ms, name, ranges) }
     }
 
     fn vcpus(&self) -> Vec<VcpuInfo> {

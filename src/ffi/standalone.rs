@@ -25,7 +25,7 @@ pub type PostcopyRequestFn = Option<
     ) -> c_int,
 >;
 /// Sends one discard command (source): `n` (start, length) pairs in bytes of block `name`.
-pub type PostcopyDiscardFn = Option<super::host_ops::PostcopySendDiscardFn>;
+pub type PostcopyDiscardFn = super::host_ops::PostcopySendDiscardFn;
 /// Receives the library's log messages.
 pub type PostcopyLogFn =
     Option<unsafe extern "C" fn(opaque: *mut c_void, level: c_int, msg: *const c_char)>;
@@ -277,7 +277,7 @@ pub extern "C" fn postcopy_standalone_set_discard_callback(
                 h.set_discard_fn(Box::new(move |ms, name, ranges| {
                     let o = opaque;
                     // SAFETY: the caller's callback, registered with this opaque.
-                    unsafe { super::host_ops::call_send_discard(cb, o.0, ms, name, ranges) }
+                    unsafe { super::host_ops::call_send_discard(Some(cb), o.0, ms, name, ranges) }
                 }));
                 Ok(())
             });
