@@ -107,6 +107,16 @@ static void run_migration(PostcopyStandaloneHost *host, MigrationIncomingState *
     }
     CHECK_EQ(bad, 0);
 
+    /* UFFDIO_COPY wakes a vCPU before the placing thread finishes its bookkeeping (as in
+     * QEMU), so the last placements may still be finishing: wait for them, bounded. */
+    PostcopyIncomingStats st;
+    for (int i = 0; i < 5000; i++) {
+        CHECK_EQ(postcopy_incoming_get_stats(mis, &st), 0);
+        if (st.outstanding_requests == 0)
+            break;
+        usleep(1000);
+    }
+
     /* Blocktime: each vCPU's fault count is exactly the pages it faulted on (its pages are
      * its own and nothing else places pages yet), and each was blocked for some time. */
     PostcopyBlocktimeInfo bt;
@@ -128,7 +138,6 @@ static void run_migration(PostcopyStandaloneHost *host, MigrationIncomingState *
     printf("engine: blocktime total %u ms, vCPU0 %u ms over %llu faults, average fault latency %llu us\n",
            bt.total_blocktime_ms, vms[0], (unsigned long long)vfaults[0], (unsigned long long)bt.latency_avg_ns / 1000);
 
-    PostcopyIncomingStats st;
     CHECK_EQ(postcopy_incoming_get_stats(mis, &st), 0);
     /* No background stream yet: every distinct page touched was requested exactly once. */
     CHECK_EQ(st.requests_sent, distinct);
