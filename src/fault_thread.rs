@@ -115,6 +115,13 @@ fn run(inc: &Incoming, active: &Active) {
         if pollfds[0].revents & libc::POLLIN != 0 {
             drain_uffd(inc, active, &mut msgs);
         }
+        // The registry changed while we polled: the snapshot may name an fd that was
+        // unregistered (and perhaps closed, its number reused) after poll() started, whose
+        // messages are no longer ours to read. Rebuild first; poll is level-triggered, so
+        // fds still registered and readable are reported again on the next pass.
+        if inc.shared.generation() != generation {
+            continue;
+        }
         for (i, s) in shared.iter().enumerate() {
             let revents = pollfds[2 + i].revents;
             if revents & libc::POLLIN != 0 {
@@ -257,9 +264,16 @@ impl Incoming {
             haddr: p.haddr,
             tid: p.tid,
         };
+        // Counted before the host sends it: the page can arrive (and its thread resume)
+        // before request_page returns, and a reader must never see placements of pages
+        // that were not yet counted as requested.
+        Counters::bump(&self.counters.requests_sent);
         match self.host.request_page(&req) {
-            Ok(RequestOutcome::Sent) => Counters::bump(&self.counters.requests_sent),
+            Ok(RequestOutcome::Sent) => {}
             Ok(RequestOutcome::Discarded) => {
+                self.counters
+                    .requests_sent
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 // The source will never send it: it reads as zeros.
                 if let Err(e) = self.place_zero_page(p.block, aligned) {
                     self.log(
@@ -272,6 +286,9 @@ impl Incoming {
                 }
             }
             Err(errno) => {
+                self.counters
+                    .requests_sent
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 Counters::bump(&self.counters.request_errors);
                 self.log(
                     LogLevel::Error,
