@@ -215,3 +215,25 @@ fn engine_migrates_256mib_with_four_vcpus() {
 fn recovery_and_preempt() {
     compile_and_run("recovery", &[], &[]);
 }
+
+#[test]
+fn shared_userfaultfd_children_served_and_woken() {
+    let out = compile_and_run("shared_ufd", &[], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("shared_ufd: C1 "), "{stdout}");
+    assert!(stdout.contains(" 0 failed"), "{stdout}");
+}
+
+#[test]
+fn hugetlbfs_block_of_2mib_pages() {
+    let out = compile_and_run("hugetlb", &[], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if let Some(line) = stdout.lines().find(|l| l.starts_with("SKIP:")) {
+        use std::io::Write;
+        // Straight to the process's stderr: libtest captures only print!/eprint!.
+        let _ = writeln!(std::io::stderr(), "hugetlbfs_block_of_2mib_pages: {line}");
+        return;
+    }
+    assert!(stdout.contains("hugetlb: 8 huge pages of 2 MiB"), "{stdout}");
+    assert!(stdout.contains(" 0 failed"), "{stdout}");
+}
