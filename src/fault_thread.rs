@@ -153,9 +153,11 @@ fn drain_uffd(inc: &Incoming, active: &Active, msgs: &mut [uffd::UffdMsg]) {
                 return;
             }
         };
+        // Every fault of this read happened before it: one blocktime clock read serves them all.
+        let mut clock = BatchClock::default();
         for msg in &msgs[..n] {
             if let Some((addr, tid)) = uffd::pagefault_of(msg, active.thread_id) {
-                inc.handle_fault(active, addr, tid);
+                inc.handle_fault_at(active, addr, tid, &mut clock);
             }
         }
         if n < msgs.len() {
@@ -189,6 +191,12 @@ fn serve_shared(inc: &Incoming, s: &dyn SharedUfd) {
 impl Incoming {
     /// One missing-page fault at `addr` by thread `tid`: record it once and ask the source.
     pub fn handle_fault(&self, active: &Active, addr: u64, tid: u32) {
+        self.handle_fault_at(active, addr, tid, &mut BatchClock::default())
+    }
+
+    /// [`Incoming::handle_fault`] for one fault of a batch read at once: blocktime's begin
+    /// takes its time from `clock`, read once for the batch.
+    pub fn handle_fault_at(&self, active: &Active, addr: u64, tid: u32, clock: &mut BatchClock) {
         Counters::bump(&self.counters.faults);
         let Some(block) = active.blocks.find_addr(addr) else {
             Counters::bump(&self.counters.faults_outside_ram);
@@ -209,7 +217,7 @@ impl Incoming {
             tid,
             sent: false,
         };
-        match self.record_request(aligned, pending, Some(tid)) {
+        match self.record_request_at(aligned, pending, Some(tid), clock) {
             Recorded::Send(p) => self.send_request(aligned, &p, &block.info.idstr),
             Recorded::AlreadyReceived => {
                 // Placed between the fault and now: the placement woke the thread already,
@@ -225,8 +233,19 @@ impl Incoming {
     pub fn record_request(
         &self,
         aligned: u64,
+        pending: Pending,
+        blocktime_tid: Option<u32>,
+    ) -> Recorded {
+        self.record_request_at(aligned, pending, blocktime_tid, &mut BatchClock::default())
+    }
+
+    /// [`Incoming::record_request`] with the blocktime clock shared by a batch of faults.
+    pub fn record_request_at(
+        &self,
+        aligned: u64,
         mut pending: Pending,
         blocktime_tid: Option<u32>,
+        clock: &mut BatchClock,
     ) -> Recorded {
         let mut req = self.requests.lock();
         if self.host.recv_test(pending.block, pending.offset) {
@@ -234,7 +253,11 @@ impl Incoming {
             return Recorded::AlreadyReceived;
         }
         if let (Some(tid), Some(bt)) = (blocktime_tid, req.blocktime.as_mut()) {
-            bt.begin(aligned, tid);
+            // tid 0 is ignored by begin: no clock read for it.
+            if tid != 0 {
+                let now = *clock.0.get_or_insert_with(|| bt.now_ns());
+                bt.begin_at(aligned, tid, now);
+            }
         }
         let paused = req.paused;
         match req.requested.entry(aligned) {
@@ -337,8 +360,11 @@ impl Incoming {
             if !was_paused && !any_unsent {
                 return;
             }
+            // After a pause the source may have lost any request: all of them again. Without
+            // one, only those whose send failed (the others reached the source).
             r.requested
                 .iter_mut()
+                .filter(|(_, p)| was_paused || !p.sent)
                 .map(|(a, p)| {
                     p.sent = true;
                     (*a, *p)
@@ -366,6 +392,13 @@ impl Incoming {
     }
 }
 
+/// The blocktime clock of one batch of faults (one read(2) of the userfaultfd): read by
+/// the first fault that needs it, under the request lock, and reused by the rest. Every
+/// fault of the batch was raised before the read, so this time is no later for any of
+/// them than a read per fault would be.
+#[derive(Debug, Default)]
+pub struct BatchClock(Option<u64>);
+
 /// What recording a fault decided.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Recorded {
@@ -377,4 +410,74 @@ pub enum Recorded {
     Held,
     /// The page arrived meanwhile.
     AlreadyReceived,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blocktime::Clock;
+    use crate::notifiers::NotifierList;
+    use crate::shared_ufds::SharedUfdRegistry;
+    use crate::standalone::StandaloneHost;
+    use crate::sys::host_page_size;
+    use crate::sys::mem::AnonMapping;
+    use std::sync::atomic::AtomicU64;
+
+    /// Counts its reads; time advances 1 µs per read.
+    #[derive(Default)]
+    struct CountingClock(AtomicU64);
+    impl Clock for CountingClock {
+        fn now_ns(&self) -> u64 {
+            (self.0.fetch_add(1, Ordering::SeqCst) + 1) * 1000
+        }
+    }
+
+    #[test]
+    fn a_batch_of_faults_reads_the_blocktime_clock_once() {
+        let host = Arc::new(StandaloneHost::new(0));
+        host.set_log_fn(Box::new(|_, _| {}));
+        host.set_request_fn(Box::new(|_, _| Ok(())));
+        let ps = host_page_size();
+        let mem = AnonMapping::new(16 * ps as usize).unwrap();
+        host.add_block("pc.ram", mem.addr(), 16 * ps, ps, -1, 0)
+            .unwrap();
+        for i in 0..4 {
+            host.add_vcpu(i, 100 + i);
+        }
+        host.set_capabilities(true, false);
+        let clock = Arc::new(CountingClock::default());
+        let inc = Arc::new(Incoming::with_clock(
+            0x2000,
+            host.clone(),
+            Arc::new(NotifierList::new()),
+            Arc::new(SharedUfdRegistry::new()),
+            clock.clone(),
+        ));
+        inc.init().unwrap();
+        inc.setup().unwrap();
+        let active = inc.active().unwrap();
+        let base = mem.addr() as u64;
+        let reads = || clock.0.load(Ordering::SeqCst);
+
+        // One batch: three vCPU faults on three pages, a tid-0 fault, a duplicate.
+        let before = reads();
+        let mut batch = BatchClock::default();
+        for (i, tid) in [(0, 100), (1, 101), (2, 102), (3, 0), (0, 103)] {
+            inc.handle_fault_at(&active, base + i * ps, tid, &mut batch);
+        }
+        assert_eq!(reads() - before, 1, "one clock read for the batch");
+
+        // Faults handled one by one read it once each (tid 0 never).
+        let before = reads();
+        inc.handle_fault(&active, base + 5 * ps, 100);
+        inc.handle_fault(&active, base + 6 * ps, 0);
+        inc.handle_fault(&active, base + 7 * ps, 101);
+        assert_eq!(reads() - before, 2);
+
+        let st = inc.blocktime_stats().unwrap();
+        assert_eq!(st.vcpus.iter().map(|v| v.faults).sum::<u64>(), 6);
+        assert_eq!(inc.counters.snapshot().requests_sent, 7);
+        drop(active);
+        inc.cleanup().unwrap();
+    }
 }

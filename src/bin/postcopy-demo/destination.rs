@@ -1,9 +1,16 @@
 //! The destination: allocates the guest's RAM, drives postcopy-ram through its C
 //! entrypoints and the standalone host (init, precopy pages marked received, discards,
-//! setup), runs the vCPUs, places every page that arrives on either channel, and checks
-//! every page against the source's checksums.
+//! setup), runs the vCPUs, places every page that arrives (the main channel here; the
+//! preempt channel through the library's preempt thread and our preempt_load callback),
+//! and checks every page against the source's checksums.
+//!
+//! When the connection breaks in postcopy it tells the library the return path is down
+//! (postcopy_standalone_set_return_path: the fault thread pauses, faults are recorded),
+//! waits for the source to connect again, sends it the received bitmap, takes the new
+//! preempt channel (postcopy_preempt_new_channel), and brings the return path back: the
+//! library sends every outstanding request again, once.
 use crate::protocol::{self, FrameReader, Header, Kind, Phase};
-use crate::ram::{self, fmt_bytes, HugePages, Layout, Mapping, HUGE_PAGE, TARGET_PAGE};
+use crate::ram::{self, fmt_bytes, HugePages, Layout, Mapping, PageBitmap, HUGE_PAGE, TARGET_PAGE};
 use crate::report::{self, Blocktime, DestStats, LibraryStats, SourceStats, Verification};
 use crate::source::errno_str;
 use crate::vcpu::{self, Gate, RamView};
@@ -13,22 +20,24 @@ use parking_lot::Mutex;
 use postcopy_ram::ffi::blocktime::{postcopy_blocktime_query, PostcopyBlocktimeInfo};
 use postcopy_ram::ffi::host_ops::postcopy_host_unregister;
 use postcopy_ram::ffi::incoming::{
-    postcopy_incoming_get_stats, postcopy_ram_incoming_cleanup, postcopy_ram_incoming_init,
-    postcopy_ram_incoming_setup, postcopy_ram_prepare_discard, postcopy_ram_supported_by_host,
-    PostcopyIncomingStats,
+    postcopy_incoming_get_stats, postcopy_incoming_temp_page, postcopy_ram_incoming_cleanup,
+    postcopy_ram_incoming_init, postcopy_ram_incoming_setup, postcopy_ram_prepare_discard,
+    postcopy_ram_supported_by_host, PostcopyIncomingStats,
 };
 use postcopy_ram::ffi::placement::{postcopy_place_page, postcopy_place_page_zero};
+use postcopy_ram::ffi::preempt::{postcopy_preempt_channels_seen, postcopy_preempt_new_channel};
 use postcopy_ram::ffi::standalone::{
     postcopy_error_free, postcopy_error_message, postcopy_standalone_add_ram_block,
     postcopy_standalone_add_vcpu, postcopy_standalone_discard_range, postcopy_standalone_host_free,
     postcopy_standalone_host_install, postcopy_standalone_host_new,
     postcopy_standalone_mark_received, postcopy_standalone_page_received,
     postcopy_standalone_set_capabilities, postcopy_standalone_set_log_callback,
-    postcopy_standalone_set_request_callback, PostcopyStandaloneHost,
+    postcopy_standalone_set_preempt_callbacks, postcopy_standalone_set_request_callback,
+    postcopy_standalone_set_return_path, PostcopyStandaloneHost,
 };
 use postcopy_ram::ffi::state::{postcopy_infrastructure_init, postcopy_state_set};
 use postcopy_ram::ffi::types::{
-    Error as CError, MigrationIncomingState, PostcopyStateArg, RAMBlock,
+    Error as CError, MigrationIncomingState, PostcopyStateArg, QEMUFile, RAMBlock,
 };
 use postcopy_ram::standalone::PostcopyPageRequest;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -44,6 +53,11 @@ const POSTCOPY_INCOMING_ADVISE: u32 = 1;
 const POSTCOPY_INCOMING_LISTENING: u32 = 3;
 const POSTCOPY_INCOMING_RUNNING: u32 = 4;
 const POSTCOPY_INCOMING_END: u32 = 5;
+/// RAM_CHANNEL_POSTCOPY: the preempt channel's temp page.
+const RAM_CHANNEL_POSTCOPY: u32 = 1;
+
+/// How long a paused destination waits for the source to connect again.
+const RECONNECT_WINDOW: Duration = Duration::from_secs(30);
 
 /// A C pointer shared between the destination's threads.
 #[derive(Clone, Copy)]
@@ -55,17 +69,60 @@ unsafe impl<T> Send for CPtr<T> {}
 // SAFETY: as above; the pointers themselves are never dereferenced by us.
 unsafe impl<T> Sync for CPtr<T> {}
 
-/// Everything the destination's threads share; also the request callback's `opaque`.
+/// The return path of the current connection (progress, page requests, report, failure).
+struct RetPath {
+    /// The link generation it belongs to.
+    gen: u64,
+    stream: TcpStream,
+}
+
+/// The connection to the source as a whole, for breaking it.
+struct LinkState {
+    /// Bumped at every reconnection: a failure reported for an older link is old news.
+    gen: u64,
+    /// Every socket of the current link (main, preempt): shut down together when it is
+    /// lost, so every thread using one notices at once.
+    sockets: Vec<TcpStream>,
+    down: bool,
+}
+
+/// A preempt channel, handed to the library as its `QEMUFile *`.
+struct PreemptChannel {
+    stream: TcpStream,
+    gen: u64,
+    /// Set by preempt_shutdown (cleanup): the end of the channel is then not a failure.
+    closing: AtomicBool,
+}
+
+/// Everything the destination's threads share; also the `opaque` of the request and
+/// preempt callbacks.
 struct Dest {
     layout: Layout,
     maps: Vec<Mapping>,
     host: CPtr<PostcopyStandaloneHost>,
     mis: CPtr<MigrationIncomingState>,
     rbs: Vec<CPtr<RAMBlock>>,
-    /// The urgent channel, written by the library's fault thread (page requests).
-    urgent_out: TcpStream,
-    /// The main channel's return path (progress, report, failure).
-    ret: Mutex<TcpStream>,
+    /// Shared with run(), which reports a failure on whatever link is current.
+    ret: Arc<Mutex<RetPath>>,
+    link: Mutex<LinkState>,
+    /// The link is down: from the loss to the resume.
+    link_down: AtomicBool,
+    /// When the current outage began (ns since `epoch`) and the library's fault count then.
+    lost_at_ns: AtomicU64,
+    faults_at_loss: AtomicU64,
+    /// Preempt channels handed to the library, alive until the end.
+    preempt_channels: Mutex<Vec<Arc<PreemptChannel>>>,
+    /// preempt_load calls running now.
+    loads_active: AtomicU32,
+    /// A failure found on a loading thread; the main thread gives up with it.
+    fatal: Mutex<Option<String>>,
+    /// --cut-after, the pages placed since switchover, and how many when the cut happened.
+    cut_after: Option<u64>,
+    placed_postcopy: AtomicU64,
+    cut_at: AtomicU64,
+    /// Pages placed since switchover: each must arrive once.
+    placed_bits: PageBitmap,
+    placed_twice: AtomicU64,
     epoch: Instant,
     /// Per page: when it was requested (ns since `epoch`, plus one), 0 when not pending.
     req_time: Vec<AtomicU64>,
@@ -75,7 +132,8 @@ struct Dest {
     placed_urgent: AtomicU64,
     placed_zero: AtomicU64,
     last_placed_ns: AtomicU64,
-    latencies: Mutex<Vec<u64>>,
+    /// Request-to-placed latencies: (ns, whether the page came on demand).
+    latencies: Mutex<Vec<(u64, bool)>>,
     phase: AtomicU32,
     /// Set when the last page is in place: the vCPUs' workload ends with the migration.
     complete: Arc<AtomicBool>,
@@ -120,10 +178,17 @@ impl Dest {
                 errno_str(rc)
             ));
         }
+        let g = self.layout.global(b, page);
+        if !self.placed_bits.set(g) {
+            self.placed_twice.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         let now = self.now_ns();
-        let t = self.req_time[self.layout.global(b, page) as usize].swap(0, Ordering::AcqRel);
+        let t = self.req_time[g as usize].swap(0, Ordering::AcqRel);
         if t != 0 {
-            self.latencies.lock().push(now.saturating_sub(t - 1));
+            self.latencies
+                .lock()
+                .push((now.saturating_sub(t - 1), urgent));
         }
         if data.is_none() {
             self.placed_zero.fetch_add(1, Ordering::Relaxed);
@@ -133,20 +198,195 @@ impl Dest {
         } else {
             self.placed_stream.fetch_add(1, Ordering::Relaxed);
         }
-        if self.in_place.fetch_add(1, Ordering::AcqRel) + 1 == self.layout.total_pages {
+        // The cut comes before the page counts as in place: whoever sees every page in
+        // place also sees the link down if this page cut it.
+        let n = self.placed_postcopy.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.cut_after == Some(n) {
+            self.cut_at.store(n, Ordering::SeqCst);
+            let gen = self.link.lock().gen;
+            self.link_lost(gen);
+        }
+        if self.in_place.fetch_add(1, Ordering::SeqCst) + 1 == self.layout.total_pages {
             self.complete.store(true, Ordering::Release);
         }
         self.last_placed_ns.fetch_max(now, Ordering::Relaxed);
         Ok(())
     }
 
+    /// Sends one frame on the return path; a failure means the link is lost.
     fn send_ret(&self, h: Header, payload: &[u8]) -> io::Result<()> {
-        protocol::send_now(&self.ret.lock(), h, payload)
+        let ret = self.ret.lock();
+        if self.link_down.load(Ordering::SeqCst) {
+            return Err(io::ErrorKind::NotConnected.into());
+        }
+        let gen = ret.gen;
+        let r = protocol::send_now(&ret.stream, h, payload);
+        drop(ret);
+        if r.is_err() {
+            self.link_lost(gen);
+        }
+        r
+    }
+
+    fn is_down(&self) -> bool {
+        self.link_down.load(Ordering::SeqCst)
+    }
+
+    /// The link `gen` broke (or is cut): shut every socket of it, so each thread using one
+    /// notices, and tell the library the return path is down (its fault thread pauses and
+    /// records faults without sending them).
+    fn link_lost(&self, gen: u64) {
+        let mut link = self.link.lock();
+        if link.gen != gen || link.down {
+            return;
+        }
+        link.down = true;
+        self.lost_at_ns.store(self.now_ns(), Ordering::SeqCst);
+        if let Some(st) = library_stats(self.mis.0) {
+            self.faults_at_loss.store(st.faults, Ordering::SeqCst);
+        }
+        // Down first, so our own senders refuse instead of writing into a dead socket.
+        self.link_down.store(true, Ordering::SeqCst);
+        postcopy_standalone_set_return_path(self.host.0, self.mis.0, false);
+        for s in &link.sockets {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// The source connected again: `main` is the new link's main channel. Returns its
+    /// generation.
+    fn install_link(&self, main: &TcpStream) -> io::Result<u64> {
+        let (ret, sock) = (main.try_clone()?, main.try_clone()?);
+        let mut link = self.link.lock();
+        link.gen += 1;
+        let gen = link.gen;
+        *self.ret.lock() = RetPath { gen, stream: ret };
+        link.sockets = vec![sock];
+        link.down = false;
+        drop(link);
+        self.link_down.store(false, Ordering::SeqCst);
+        Ok(gen)
+    }
+
+    /// Keeps `stream` as a preempt channel of link `gen`; returns the `QEMUFile *` to hand
+    /// to the library.
+    fn add_preempt_channel(&self, stream: TcpStream, gen: u64) -> Result<*mut QEMUFile, String> {
+        let sock = stream.try_clone().map_err(|e| e.to_string())?;
+        let ch = Arc::new(PreemptChannel {
+            stream,
+            gen,
+            closing: AtomicBool::new(false),
+        });
+        {
+            let mut link = self.link.lock();
+            if link.gen != gen || link.down {
+                return Err("the connection broke while the preempt channel was opened".into());
+            }
+            link.sockets.push(sock);
+        }
+        let file = Arc::as_ptr(&ch).cast_mut().cast::<QEMUFile>();
+        self.preempt_channels.lock().push(ch);
+        Ok(file)
+    }
+
+    fn set_fatal(&self, msg: String) {
+        self.fatal.lock().get_or_insert(msg);
+    }
+
+    fn fatal(&self) -> Option<String> {
+        self.fatal.lock().clone()
+    }
+
+    /// The library's received bitmap (QEMU's recv bitmap), for the source to resume from:
+    /// one bit per page, set when the page is in place.
+    fn received_bitmap(&self) -> Result<Vec<u64>, String> {
+        let layout = &self.layout;
+        let ps = layout.page_size;
+        let mut words = vec![0u64; layout.total_pages.div_ceil(64) as usize];
+        let mut n = 0;
+        for b in 0..layout.blocks.len() {
+            for page in 0..layout.pages(b) {
+                let rc = postcopy_standalone_page_received(self.host.0, self.rbs[b].0, page * ps);
+                if rc < 0 {
+                    return Err(format!(
+                        "postcopy_standalone_page_received: {}",
+                        errno_str(rc)
+                    ));
+                }
+                if rc == 1 {
+                    let g = layout.global(b, page);
+                    words[(g / 64) as usize] |= 1u64 << (g % 64);
+                    n += 1;
+                }
+            }
+        }
+        let in_place = self.in_place.load(Ordering::SeqCst);
+        if n != in_place {
+            return Err(format!(
+                "the library's received bitmap holds {n} pages, but {in_place} are in place"
+            ));
+        }
+        Ok(words)
+    }
+
+    /// Reads urgent pages from a preempt channel and places them (in the library's temp
+    /// page of the postcopy channel) until the channel ends. 0 at a clean end (cleanup shut
+    /// it), -ECONNRESET when it broke.
+    fn load_urgent(&self, ch: &PreemptChannel) -> c_int {
+        let ps = self.layout.page_size as usize;
+        let tmp = postcopy_incoming_temp_page(self.mis.0, RAM_CHANNEL_POSTCOPY).cast::<u8>();
+        let mut own = Vec::new();
+        let buf: &mut [u8] = if tmp.is_null() {
+            own.resize(ps, 0);
+            &mut own
+        } else {
+            // SAFETY: the library's temp page of RAM_CHANNEL_POSTCOPY is a mapping of the
+            // largest block page size (our only page size), used by nobody but the preempt
+            // thread that runs this, and unmapped only after cleanup has joined it.
+            unsafe { std::slice::from_raw_parts_mut(tmp, ps) }
+        };
+        let mut rd = match ch.stream.try_clone() {
+            Ok(s) => FrameReader::new(s),
+            Err(e) => {
+                self.set_fatal(format!("preempt channel: {e}"));
+                return -libc::EIO;
+            }
+        };
+        // Until the channel ends or breaks.
+        while let Ok(Some(h)) = rd.next_header() {
+            let placed = match (h.kind, self.page_of(h.block, h.arg)) {
+                (_, Err(e)) => Err(e),
+                (Kind::Page, Ok((b, page))) => {
+                    if rd.read_data(buf).is_err() {
+                        break;
+                    }
+                    self.place(b, page, Some(buf), true)
+                }
+                (Kind::Zero, Ok((b, page))) => self.place(b, page, None, true),
+                (other, _) => Err(format!("unexpected {other:?} frame on the preempt channel")),
+            };
+            if let Err(e) = placed {
+                self.set_fatal(e);
+                return -libc::EPROTO;
+            }
+        }
+        if ch.closing.load(Ordering::Acquire) {
+            return 0;
+        }
+        self.link_lost(ch.gen);
+        -libc::ECONNRESET
     }
 }
 
+/// postcopy_incoming_get_stats, or None when `mis` has no context.
+fn library_stats(mis: *mut MigrationIncomingState) -> Option<PostcopyIncomingStats> {
+    let mut st = PostcopyIncomingStats::default();
+    (postcopy_incoming_get_stats(mis, &mut st) == 0).then_some(st)
+}
+
 /// The standalone host's request callback, on the library's fault thread: note the time and
-/// send the request on the urgent channel.
+/// send the request on the return path (refused while the link is down: the library keeps
+/// it and sends it again after the resume).
 unsafe extern "C" fn on_request(
     opaque: *mut c_void,
     _rb: *mut RAMBlock,
@@ -165,19 +405,46 @@ unsafe extern "C" fn on_request(
         let _ =
             d.req_time[g].compare_exchange(0, d.now_ns() + 1, Ordering::AcqRel, Ordering::Relaxed);
     }
-    match protocol::send_now(
-        &d.urgent_out,
-        Header::new(Kind::Request, r.block_index, r.offset),
-        &[],
-    ) {
+    match d.send_ret(Header::new(Kind::Request, r.block_index, r.offset), &[]) {
         Ok(()) => 0,
-        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+        Err(e) => -e.raw_os_error().unwrap_or(libc::ENOTCONN),
     }
 }
 
+/// The standalone host's preempt_load, on the library's preempt thread: loads urgent pages
+/// from the preempt channel `file` until it ends.
+unsafe extern "C" fn on_preempt_load(
+    opaque: *mut c_void,
+    _mis: *mut MigrationIncomingState,
+    file: *mut QEMUFile,
+) -> c_int {
+    // SAFETY: `opaque` is the Dest that run_connected registered, alive until after
+    // postcopy_ram_incoming_cleanup (which joins the preempt thread); `file` is one of its
+    // PreemptChannels, kept in Dest::preempt_channels while the Dest lives.
+    let (d, ch) = unsafe { (&*(opaque as *const Dest), &*(file as *const PreemptChannel)) };
+    d.loads_active.fetch_add(1, Ordering::SeqCst);
+    let rc = d.load_urgent(ch);
+    d.loads_active.fetch_sub(1, Ordering::SeqCst);
+    rc
+}
+
+/// The standalone host's preempt_shutdown (cleanup): ends the channel, so a blocked
+/// preempt_load returns.
+unsafe extern "C" fn on_preempt_shutdown(
+    _opaque: *mut c_void,
+    _mis: *mut MigrationIncomingState,
+    file: *mut QEMUFile,
+) {
+    // SAFETY: as in on_preempt_load: one of the Dest's live PreemptChannels.
+    let ch = unsafe { &*(file as *const PreemptChannel) };
+    ch.closing.store(true, Ordering::Release);
+    let _ = ch.stream.shutdown(Shutdown::Both);
+}
+
 /// Undoes what the destination set up, whatever happened: vCPUs released from the gate,
-/// the incoming side cleaned up (after cutting the urgent channel, so a fault thread
-/// blocked sending a request cannot hold cleanup up), the host unregistered and freed.
+/// the incoming side cleaned up (after breaking the link and reporting the return path
+/// down, so neither a fault thread blocked sending a request nor cleanup's wait for
+/// outstanding pages can hang), the host unregistered and freed.
 struct Session {
     dest: Arc<Dest>,
     gate: Arc<Gate>,
@@ -189,7 +456,9 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.gate.abort();
         if self.needs_cleanup {
-            let _ = self.dest.urgent_out.shutdown(Shutdown::Both);
+            let gen = self.dest.link.lock().gen;
+            self.dest.link_lost(gen);
+            postcopy_standalone_set_return_path(self.dest.host.0, self.dest.mis.0, false);
             postcopy_ram_incoming_cleanup(self.dest.mis.0);
         }
         postcopy_host_unregister();
@@ -259,51 +528,58 @@ fn read_hello(stream: &TcpStream) -> Result<serde_json::Value, String> {
     Ok(v)
 }
 
-/// Waits for the source's two connections: main (with the configuration), then urgent.
-fn accept_pair(listener: &TcpListener) -> Result<(TcpStream, TcpStream, Config), String> {
-    let mut main = None;
-    let mut urgent = None;
-    let mut deadline: Option<Instant> = None;
-    while main.is_none() || urgent.is_none() {
-        let (s, peer) = match deadline {
-            None => listener.accept().map_err(|e| format!("accept: {e}"))?,
-            Some(d) => {
-                listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-                let r = loop {
-                    match listener.accept() {
-                        Ok(x) => break x,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            if Instant::now() > d {
-                                return Err(
-                                    "the source opened one channel but not the second within 30 s"
-                                        .into(),
-                                );
-                            }
-                            std::thread::sleep(Duration::from_millis(2));
-                        }
-                        Err(e) => return Err(format!("accept: {e}")),
-                    }
-                };
-                listener.set_nonblocking(false).map_err(|e| e.to_string())?;
-                r
-            }
-        };
-        s.set_nonblocking(false).map_err(|e| e.to_string())?;
-        protocol::tune(&s).map_err(|e| e.to_string())?;
-        let v = read_hello(&s).map_err(|e| format!("{e} (from {peer})"))?;
-        match v["channel"].as_str() {
-            Some("main") if main.is_none() => {
-                let cfg: Config = serde_json::from_value(v["config"].clone())
-                    .map_err(|e| format!("bad configuration from the source: {e}"))?;
-                main = Some((s, cfg));
-            }
-            Some("urgent") if urgent.is_none() => urgent = Some(s),
-            other => return Err(format!("unexpected channel {other:?} from {peer}")),
+/// The destination's listener, kept for the whole migration: the preempt channel and, after
+/// a broken connection, the source's new connections arrive on it.
+struct Acceptor {
+    listener: TcpListener,
+    /// Channels that arrived before we looked for them (a preempt channel that connected
+    /// while we waited for the main one).
+    early: Vec<(TcpStream, serde_json::Value)>,
+}
+
+impl Acceptor {
+    /// The next connection that greets as `channel`, within `timeout` (None: no limit).
+    fn accept(
+        &mut self,
+        channel: &str,
+        timeout: Option<Duration>,
+    ) -> Result<(TcpStream, serde_json::Value), String> {
+        if let Some(i) = self
+            .early
+            .iter()
+            .position(|(_, v)| v["channel"].as_str() == Some(channel))
+        {
+            return Ok(self.early.remove(i));
         }
-        deadline.get_or_insert(Instant::now() + Duration::from_secs(30));
+        let deadline = timeout.map(|t| Instant::now() + t);
+        self.listener
+            .set_nonblocking(true)
+            .map_err(|e| e.to_string())?;
+        loop {
+            let (s, peer) = match self.listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if deadline.is_some_and(|d| Instant::now() > d) {
+                        return Err(format!(
+                            "the source opened no {channel} channel within {} s",
+                            timeout.unwrap_or_default().as_secs()
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                Err(e) => return Err(format!("accept: {e}")),
+            };
+            s.set_nonblocking(false).map_err(|e| e.to_string())?;
+            protocol::tune(&s).map_err(|e| e.to_string())?;
+            let v = read_hello(&s).map_err(|e| format!("{e} (from {peer})"))?;
+            match v["channel"].as_str() {
+                Some(c) if c == channel => return Ok((s, v)),
+                Some("preempt") => self.early.push((s, v)),
+                other => return Err(format!("unexpected channel {other:?} from {peer}")),
+            }
+        }
     }
-    let (main, cfg) = main.expect("main channel");
-    Ok((main, urgent.expect("urgent channel"), cfg))
 }
 
 /// Runs the destination on `addr`. `child`: spawned by a local run (no progress bar, no
@@ -322,20 +598,39 @@ pub fn run(addr: &str, child: bool) -> Result<Outcome, Failure> {
             local.port()
         );
     }
-    let (main, urgent, cfg) = accept_pair(&listener)?;
-    drop(listener);
-    let ret = main.try_clone().map_err(|e| e.to_string())?;
-    let result = run_connected(&cfg, main, urgent, child, start);
+    let mut acceptor = Acceptor {
+        listener,
+        early: Vec::new(),
+    };
+    let (main, hello) = acceptor.accept("main", None)?;
+    if hello["resume"].as_bool() == Some(true) {
+        return Err(
+            "the source asks to resume a migration this destination never started"
+                .to_string()
+                .into(),
+        );
+    }
+    let cfg: Config = serde_json::from_value(hello["config"].clone())
+        .map_err(|e| format!("bad configuration from the source: {e}"))?;
+    let ret = Arc::new(Mutex::new(RetPath {
+        gen: 0,
+        stream: main.try_clone().map_err(|e| e.to_string())?,
+    }));
+    let result = run_connected(&cfg, main, acceptor, ret.clone(), child, start);
     match result {
         Ok(o) => Ok(o),
         Err(mut f) => {
+            let ret = ret.lock();
             if !f.reported_to_peer {
                 let msg = f.message.as_bytes();
-                f.reported_to_peer =
-                    protocol::send_now(&ret, Header::new(Kind::Failed, 0, msg.len() as u64), msg)
-                        .is_ok();
+                f.reported_to_peer = protocol::send_now(
+                    &ret.stream,
+                    Header::new(Kind::Failed, 0, msg.len() as u64),
+                    msg,
+                )
+                .is_ok();
             }
-            let _ = ret.shutdown(Shutdown::Both);
+            let _ = ret.stream.shutdown(Shutdown::Both);
             Err(f)
         }
     }
@@ -344,7 +639,8 @@ pub fn run(addr: &str, child: bool) -> Result<Outcome, Failure> {
 fn run_connected(
     cfg: &Config,
     main: TcpStream,
-    urgent: TcpStream,
+    mut acceptor: Acceptor,
+    ret: Arc<Mutex<RetPath>>,
     child: bool,
     start: Instant,
 ) -> Result<Outcome, Failure> {
@@ -423,8 +719,23 @@ fn run_connected(
         host: CPtr(host),
         mis: CPtr(mis),
         rbs,
-        urgent_out: urgent.try_clone().map_err(|e| e.to_string())?,
-        ret: Mutex::new(main.try_clone().map_err(|e| e.to_string())?),
+        ret,
+        link: Mutex::new(LinkState {
+            gen: 0,
+            sockets: vec![main.try_clone().map_err(|e| e.to_string())?],
+            down: false,
+        }),
+        link_down: AtomicBool::new(false),
+        lost_at_ns: AtomicU64::new(0),
+        faults_at_loss: AtomicU64::new(0),
+        preempt_channels: Mutex::new(Vec::new()),
+        loads_active: AtomicU32::new(0),
+        fatal: Mutex::new(None),
+        cut_after: cfg.cut_after,
+        placed_postcopy: AtomicU64::new(0),
+        cut_at: AtomicU64::new(0),
+        placed_bits: PageBitmap::new(total),
+        placed_twice: AtomicU64::new(0),
         epoch: Instant::now(),
         req_time: (0..total).map(|_| AtomicU64::new(0)).collect(),
         in_place: AtomicU64::new(0),
@@ -454,6 +765,23 @@ fn run_connected(
         )
         .into());
     }
+    if cfg.preempt {
+        // The library's preempt thread loads the preempt channel through these.
+        let rc = postcopy_standalone_set_preempt_callbacks(
+            host,
+            None,
+            Some(on_preempt_load),
+            Some(on_preempt_shutdown),
+            Arc::as_ptr(&dest).cast_mut().cast(),
+        );
+        if rc != 0 {
+            return Err(format!(
+                "postcopy_standalone_set_preempt_callbacks: {}",
+                errno_str(rc)
+            )
+            .into());
+        }
+    }
 
     // vCPUs: started now so their thread ids reach the library (blocktime), held at the gate.
     let view = RamView::new(
@@ -475,7 +803,7 @@ fn run_connected(
         postcopy_standalone_add_vcpu(host, v.index, v.tid);
         vcpus.push(v);
     }
-    postcopy_standalone_set_capabilities(host, true, false);
+    postcopy_standalone_set_capabilities(host, true, cfg.preempt);
 
     // Advise: can this host do postcopy at all?
     let mut err: *mut CError = std::ptr::null_mut();
@@ -522,11 +850,8 @@ fn run_connected(
                     let n = d.in_place.load(Ordering::Acquire);
                     let phase = d.phase.load(Ordering::Relaxed);
                     bar.set_position(n);
-                    if d.send_ret(Header::new(Kind::Progress, phase, n), &[])
-                        .is_err()
-                    {
-                        return;
-                    }
+                    // A failure breaks the link; progress resumes with the next one.
+                    let _ = d.send_ret(Header::new(Kind::Progress, phase, n), &[]);
                     std::thread::park_timeout(Duration::from_millis(100));
                 }
             })
@@ -534,25 +859,28 @@ fn run_connected(
     };
 
     let mut st = DestStats::default();
-    let outcome = receive(&dest, main, urgent, &gate, &bar, &mut st, cfg);
+    let outcome = receive(&dest, main, &mut acceptor, &gate, &bar, &mut st, cfg);
     stop_progress.store(true, Ordering::Release);
     progress.thread().unpark();
     let _ = progress.join();
     if outcome.is_err() {
         bar.finish_and_clear();
     }
-    let (mut rd, sums, urgent_thread) = outcome?;
+    let (mut rd, sums) = outcome?;
 
     // Every page is in place: let the vCPUs finish their work, then read the figures.
     bar.set_message("finishing");
+    st.vcpus_started = vcpus.len() as u32;
     let mut vcpu_runs = Vec::new();
     for v in vcpus {
         if let Some(done) = v.join() {
             vcpu_runs.push(done);
         }
     }
-    let mut stats = PostcopyIncomingStats::default();
-    if postcopy_incoming_get_stats(mis, &mut stats) == 0 {
+    st.recovery.cut = dest.cut_at.load(Ordering::SeqCst) > 0;
+    st.recovery.placed_at_cut = dest.cut_at.load(Ordering::SeqCst);
+    st.preempt_channels = postcopy_preempt_channels_seen(mis);
+    if let Some(stats) = library_stats(mis) {
         st.library = LibraryStats {
             faults: stats.faults,
             faults_already_received: stats.faults_already_received,
@@ -563,6 +891,8 @@ fn run_connected(
             zero_pages_placed: stats.zero_pages_placed,
             placed_already_present: stats.placed_already_present,
             outstanding_requests: stats.outstanding_requests,
+            pauses: stats.pauses,
+            resent_after_resume: stats.resent_after_resume,
         };
     }
     let rc = postcopy_ram_incoming_cleanup(mis);
@@ -571,14 +901,24 @@ fn run_connected(
     if rc != 0 {
         return Err(format!("postcopy_ram_incoming_cleanup: {}", errno_str(rc)).into());
     }
-    let _ = dest.urgent_out.shutdown(Shutdown::Both);
-    match urgent_thread.join() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e.into()),
-        Err(_) => return Err("the urgent receiver panicked".to_string().into()),
+    if let Some(e) = dest.fatal() {
+        return Err(e.into());
     }
     blocktime(mis, cfg.vcpus, &vcpu_runs, &mut st);
-    st.latency = report::Latency::from_ns(std::mem::take(&mut *dest.latencies.lock()));
+    st.placed_twice = dest.placed_twice.load(Ordering::Relaxed);
+    let latencies = std::mem::take(&mut *dest.latencies.lock());
+    let of = |on_demand: bool| {
+        report::Latency::from_ns(
+            latencies
+                .iter()
+                .filter(|l| l.1 == on_demand)
+                .map(|l| l.0)
+                .collect(),
+        )
+    };
+    st.latency_on_demand = of(true);
+    st.latency_in_stream = of(false);
+    st.latency = report::Latency::from_ns(latencies.iter().map(|l| l.0).collect());
     st.placed_stream = dest.placed_stream.load(Ordering::Relaxed);
     st.placed_urgent = dest.placed_urgent.load(Ordering::Relaxed);
     st.placed_zero = dest.placed_zero.load(Ordering::Relaxed);
@@ -607,18 +947,14 @@ fn run_connected(
     })
 }
 
-type Received = (
-    FrameReader,
-    Vec<Option<u64>>,
-    std::thread::JoinHandle<Result<(), String>>,
-);
+type Received = (FrameReader, Vec<Option<u64>>);
 
 /// The main channel, from the first precopy page to the end of the stream; then waits until
-/// every page is in place.
+/// every page is in place. A connection lost in postcopy is recovered from (see `recover`).
 fn receive(
     dest: &Arc<Dest>,
     main: TcpStream,
-    urgent: TcpStream,
+    acceptor: &mut Acceptor,
     gate: &Gate,
     bar: &ProgressBar,
     st: &mut DestStats,
@@ -630,17 +966,32 @@ fn receive(
     let host = dest.host.0;
     let mis = dest.mis.0;
     let mut rd = FrameReader::new(main);
+    // The generation of the link `rd` reads.
+    let mut rd_gen = 0;
     let mut have = vec![false; total as usize];
     let mut discard_prepared = false;
     let mut switchover_start: Option<Instant> = None;
     let mut running_at: Option<u64> = None;
-    let mut urgent_thread = None;
     let mut sums: Vec<Option<u64>> = vec![None; total as usize];
     let mut buf = vec![0u8; ps as usize];
     loop {
+        if running_at.is_some() {
+            if let Some(e) = dest.fatal() {
+                return Err(e.into());
+            }
+            if dest.is_down() {
+                (rd, rd_gen) = recover(dest, acceptor, cfg, st, bar)?;
+                continue;
+            }
+        }
         let in_place = dest.in_place.load(Ordering::Relaxed);
         let h = match rd.next_header() {
             Ok(Some(h)) => h,
+            // In postcopy a broken connection pauses the migration (recovered above).
+            Ok(None) | Err(_) if running_at.is_some() => {
+                dest.link_lost(rd_gen);
+                continue;
+            }
             Ok(None) => {
                 return Err(format!(
                     "the source disconnected in the middle of the migration ({in_place} of {total} pages in place); did it crash or get stopped?"
@@ -748,7 +1099,7 @@ fn receive(
                     }
                 }
             }
-            Kind::Listen => {
+            Kind::Listen if running_at.is_none() => {
                 let t0 = *switchover_start.get_or_insert_with(Instant::now);
                 bar.set_message("switchover");
                 if !discard_prepared {
@@ -761,6 +1112,13 @@ fn receive(
                 }
                 check_received(dest, &have)?;
                 st.pages_needed = total - dest.in_place.load(Ordering::Acquire);
+                if cfg.preempt {
+                    // The source opened it before switching over; the library's preempt
+                    // thread loads it once setup starts that thread.
+                    let (p, _) = acceptor.accept("preempt", Some(RECONNECT_WINDOW))?;
+                    let file = dest.add_preempt_channel(p, rd_gen)?;
+                    postcopy_preempt_new_channel(mis, file);
+                }
                 let t = Instant::now();
                 let rc = postcopy_ram_incoming_setup(mis);
                 if rc != 0 {
@@ -773,14 +1131,6 @@ fn receive(
                 }
                 st.setup_ms = t.elapsed().as_secs_f64() * 1e3;
                 postcopy_state_set(PostcopyStateArg(POSTCOPY_INCOMING_LISTENING));
-                let d = dest.clone();
-                let u = urgent.try_clone().map_err(|e| e.to_string())?;
-                urgent_thread = Some(
-                    std::thread::Builder::new()
-                        .name("dst/urgent".into())
-                        .spawn(move || urgent_receiver(&d, u))
-                        .map_err(|e| e.to_string())?,
-                );
                 postcopy_state_set(PostcopyStateArg(POSTCOPY_INCOMING_RUNNING));
                 dest.phase.store(Phase::Postcopy as u32, Ordering::Relaxed);
                 if dest.in_place.load(Ordering::Acquire) == total {
@@ -795,18 +1145,39 @@ fn receive(
                     cfg.pattern.name()
                 ));
             }
-            Kind::Page => {
+            Kind::Page if running_at.is_some() => {
                 let (b, page) = dest.page_of(h.block, h.arg)?;
-                rd.read_data(&mut buf).map_err(lost)?;
-                dest.place(b, page, Some(&buf), false)?;
+                if rd.read_data(&mut buf).is_err() {
+                    dest.link_lost(rd_gen);
+                    continue;
+                }
+                dest.place(b, page, Some(&buf), h.is_urgent())?;
             }
-            Kind::Zero => {
+            Kind::Zero if running_at.is_some() => {
                 let (b, page) = dest.page_of(h.block, h.arg)?;
-                dest.place(b, page, None, false)?;
+                dest.place(b, page, None, h.is_urgent())?;
             }
-            Kind::StreamEnd => break,
+            Kind::StreamEnd => {
+                let Some(running_at) = running_at else {
+                    return Err("the source finished without switching over"
+                        .to_string()
+                        .into());
+                };
+                if wait_all_placed(dest, running_at, st)? {
+                    break;
+                }
+                // The connection broke before the last pages came: recover, and read the
+                // rest of the stream from the new connection.
+            }
             Kind::Checksums => {
-                let payload = rd.payload(&h).map_err(lost)?;
+                let payload = match rd.payload(&h) {
+                    Ok(p) => p,
+                    Err(_) if running_at.is_some() => {
+                        dest.link_lost(rd_gen);
+                        continue;
+                    }
+                    Err(e) => return Err(lost(e)),
+                };
                 let words = protocol::decode_u64s(&payload).map_err(|e| e.to_string())?;
                 let b = h.block as usize;
                 let first = words.first().copied().unwrap_or(u64::MAX);
@@ -829,27 +1200,25 @@ fn receive(
             other => return Err(format!("unexpected {other:?} frame from the source").into()),
         }
     }
-    let (Some(running_at), Some(urgent_thread)) = (running_at, urgent_thread) else {
-        return Err("the source finished without switching over"
-            .to_string()
-            .into());
-    };
-    // Demand-requested pages may still be on the urgent channel.
-    let mut last = (dest.in_place.load(Ordering::Acquire), Instant::now());
+    Ok((rd, sums))
+}
+
+/// After the end of the stream: waits until every page is in place (true), or the link is
+/// lost first (false). Fails on a loading thread's error or 30 s without progress.
+fn wait_all_placed(dest: &Dest, running_at: u64, st: &mut DestStats) -> Result<bool, Failure> {
+    let total = dest.layout.total_pages;
+    let mut last = (dest.in_place.load(Ordering::SeqCst), Instant::now());
     loop {
-        let n = dest.in_place.load(Ordering::Acquire);
+        // In this order: a cut by the last placement is visible once that page counts.
+        let n = dest.in_place.load(Ordering::SeqCst);
+        if let Some(e) = dest.fatal() {
+            return Err(e.into());
+        }
+        if dest.is_down() {
+            return Ok(false);
+        }
         if n >= total {
             break;
-        }
-        if urgent_thread.is_finished() {
-            return Err(match urgent_thread.join() {
-                Ok(Err(e)) => e,
-                _ => format!(
-                    "the urgent channel ended with {} of {total} pages in place",
-                    n
-                ),
-            }
-            .into());
         }
         if n != last.0 {
             last = (n, Instant::now());
@@ -860,7 +1229,121 @@ fn receive(
     }
     let done = dest.last_placed_ns.load(Ordering::Relaxed);
     st.postcopy_s = done.saturating_sub(running_at) as f64 / 1e9;
-    Ok((rd, sums, urgent_thread))
+    Ok(true)
+}
+
+/// Polls `cond` until it holds (true) or `limit` passes (false).
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The connection broke in postcopy (`link_lost` has shut it and reported the return path
+/// down): wait for the source to connect again, send it the received bitmap, take the new
+/// preempt channel, then bring the return path back, so the library sends every
+/// outstanding request again, once. Returns the new main channel's reader and its link
+/// generation.
+fn recover(
+    dest: &Dest,
+    acceptor: &mut Acceptor,
+    cfg: &Config,
+    st: &mut DestStats,
+    bar: &ProgressBar,
+) -> Result<(FrameReader, u64), Failure> {
+    let (host, mis) = (dest.host.0, dest.mis.0);
+    bar.set_message("postcopy paused: waiting for the source");
+    // Down (again: the link may have broken during a previous resume, after which the
+    // return path was reported up).
+    postcopy_standalone_set_return_path(host, mis, false);
+    // The fault thread pauses (faults are recorded, not sent) and the preempt loader lets go
+    // of the broken channel: nothing is placed until the resume, so the received bitmap
+    // is final.
+    let paused = wait_until(Duration::from_secs(10), || {
+        library_stats(mis).is_some_and(|s| s.paused == 1)
+            && dest.loads_active.load(Ordering::SeqCst) == 0
+    });
+    if !paused {
+        return Err(
+            "the connection broke, but the library's fault thread did not pause"
+                .to_string()
+                .into(),
+        );
+    }
+    let window = RECONNECT_WINDOW + Duration::from_millis(cfg.cut_outage_ms);
+    let (main, hello) = acceptor.accept("main", Some(window)).map_err(|e| {
+        format!("the connection to the source broke in postcopy and it did not come back: {e}")
+    })?;
+    if hello["resume"].as_bool() != Some(true) {
+        return Err("the source connected again but did not ask to resume"
+            .to_string()
+            .into());
+    }
+    let held = dest.received_bitmap()?;
+    let payload = protocol::encode_u64s(&held);
+    protocol::send_now(
+        &main,
+        Header::new(Kind::Resume, 0, payload.len() as u64),
+        &payload,
+    )
+    .map_err(|e| format!("resuming: the new connection broke ({e})"))?;
+    let gen = dest
+        .install_link(&main)
+        .map_err(|e| format!("resuming: {e}"))?;
+    if cfg.preempt {
+        // The source opens a new one (postcopy_preempt_establish_channel) once it has the
+        // bitmap; the library's preempt thread waits for it.
+        let (p, _) = acceptor.accept("preempt", Some(window))?;
+        let file = dest.add_preempt_channel(p, gen)?;
+        postcopy_preempt_new_channel(mis, file);
+    }
+    // Quiet: every vCPU is blocked on a missing page (or done), so what is outstanding now
+    // is exactly what the library will send again.
+    let mut before = library_stats(mis).unwrap_or_default();
+    let mut stable = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stable < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = library_stats(mis).unwrap_or_default();
+        stable = if now.faults == before.faults {
+            stable + 1
+        } else {
+            0
+        };
+        before = now;
+    }
+    postcopy_standalone_set_return_path(host, mis, true);
+    let resumed = wait_until(Duration::from_secs(10), || {
+        library_stats(mis).is_some_and(|s| s.paused == 0)
+    });
+    if !resumed {
+        return Err("the library's fault thread did not resume"
+            .to_string()
+            .into());
+    }
+    let r = &mut st.recovery;
+    r.resumes += 1;
+    r.outstanding_at_resume += before.outstanding_requests;
+    r.faults_during_outage += before
+        .faults
+        .saturating_sub(dest.faults_at_loss.load(Ordering::SeqCst));
+    r.outage_ms += dest
+        .now_ns()
+        .saturating_sub(dest.lost_at_ns.load(Ordering::SeqCst)) as f64
+        / 1e6;
+    bar.set_message(format!(
+        "postcopy (resumed), {} vCPUs {}",
+        cfg.vcpus,
+        cfg.pattern.name()
+    ));
+    Ok((FrameReader::new(main), gen))
 }
 
 /// The source's last frame: its statistics.
@@ -903,31 +1386,6 @@ fn check_received(dest: &Dest, have: &[bool]) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// The urgent channel: requested pages, placed as soon as they arrive.
-fn urgent_receiver(dest: &Dest, stream: TcpStream) -> Result<(), String> {
-    let mut rd = FrameReader::new(stream);
-    let mut buf = vec![0u8; dest.layout.page_size as usize];
-    loop {
-        let h = match rd.next_header() {
-            Ok(Some(h)) => h,
-            // The end of the migration (we shut the channel), or the source gone, which
-            // the main channel reports.
-            Ok(None) | Err(_) => return Ok(()),
-        };
-        let (b, page) = dest.page_of(h.block, h.arg)?;
-        match h.kind {
-            Kind::Page => {
-                if rd.read_data(&mut buf).is_err() {
-                    return Ok(());
-                }
-                dest.place(b, page, Some(&buf), true)?;
-            }
-            Kind::Zero => dest.place(b, page, None, true)?,
-            other => return Err(format!("unexpected {other:?} frame on the urgent channel")),
-        }
-    }
 }
 
 /// postcopy_blocktime_query: total and per vCPU.

@@ -4,9 +4,14 @@
 //! The source holds the guest's RAM (several blocks with deterministic content), runs a
 //! short precopy while the guest keeps dirtying pages, sends discards for what the
 //! destination must drop, and switches over. The destination then runs vCPU threads on
-//! the RAM at once, faulting on missing pages: the library's fault thread requests them,
-//! the source sends them on a priority channel ahead of its background stream, and the
-//! destination places them. Every page is checked against the source at the end.
+//! the RAM at once, faulting on missing pages: the library's fault thread requests them on
+//! the return path, the source sends them (with `--preempt on`, the default, on the
+//! preempt channel, a second connection opened through the library's preempt API; with
+//! `--preempt off` queued into the main stream, as QEMU's vanilla postcopy does), and the
+//! destination places them. With `--cut-after` the connections are dropped mid-postcopy
+//! and the migration recovers: the fault thread pauses, the source reconnects, and every
+//! outstanding request is sent again, once. Every page is checked against the source at
+//! the end.
 //!
 //! By default both sides run on this machine (the source spawns the destination as a
 //! child on loopback); `--listen` and `--connect` run one side each.
@@ -67,6 +72,25 @@ pub struct Config {
     pub precopy_share: u32,
     /// Background stream limit in bytes/s (demand-requested pages are not limited).
     pub bandwidth: Option<u64>,
+    /// Requested pages on a second connection (postcopy-preempt); without it they are
+    /// queued into the main stream.
+    #[serde(default = "default_preempt")]
+    pub preempt: bool,
+    /// Drop the connections once this many pages have been placed in postcopy, then
+    /// reconnect and resume.
+    #[serde(default)]
+    pub cut_after: Option<u64>,
+    /// How long the source waits after a cut before it reconnects, ms.
+    #[serde(default = "default_cut_outage_ms")]
+    pub cut_outage_ms: u64,
+}
+
+fn default_preempt() -> bool {
+    true
+}
+
+fn default_cut_outage_ms() -> u64 {
+    100
 }
 
 enum Mode {
@@ -104,11 +128,32 @@ OPTIONS (given to the source; the destination takes them from it):
                            switchover                                 [default: 25]
     --bandwidth RATE       background stream limit in bytes/s, e.g. 500M, or
                            unlimited; demand-requested pages bypass it [default: unlimited]
+    --preempt [on|off]     on: requested pages travel on a second connection, the
+                           postcopy preempt channel, so they never queue behind the
+                           background stream; off: QEMU's vanilla postcopy, requested
+                           pages are queued into the main stream. On by default: it is
+                           what makes postcopy usable on a busy link (QEMU leaves the
+                           capability off)                            [default: on]
+    --cut-after PAGES      drop the connections once PAGES pages have been placed in
+                           postcopy; the destination pauses its page requests (vCPUs keep
+                           faulting), the source reconnects, the channels are set up
+                           again and every outstanding request is sent again once
+    --cut-outage MS        how long the link stays down after the cut before the source
+                           reconnects, in ms                          [default: 100]
     --json                 print the report as JSON on stdout
     -h, --help             this text
 
 Exit status: 0 when every page arrived and matches the source, 1 on any error or
 mismatch, 2 for bad usage.";
+
+/// "on"/"off" and their synonyms.
+fn parse_switch(s: &str) -> Option<bool> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "yes" | "true" | "1" => Some(true),
+        "off" | "no" | "false" | "0" => Some(false),
+        _ => None,
+    }
+}
 
 /// "1G", "512M", "64MiB", "4k", "4096".
 fn parse_size(s: &str) -> Option<u64> {
@@ -143,11 +188,14 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
         precopy_rounds: 1,
         precopy_share: 25,
         bandwidth: None,
+        preempt: true,
+        cut_after: None,
+        cut_outage_ms: default_cut_outage_ms(),
     };
     let mut mode = Mode::Local;
     let mut json = false;
     let mut child = false;
-    let mut it = args.iter();
+    let mut it = args.iter().peekable();
     while let Some(arg) = it.next() {
         let (name, inline) = match arg.split_once('=') {
             Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
@@ -217,6 +265,37 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
                         format!("--bandwidth: '{v}' is not a rate of at least 64K (bytes/s), or unlimited")
                     })?)
                 };
+            }
+            "--preempt" => {
+                // The value is optional: a bare --preempt means on.
+                let v = match &inline {
+                    Some(v) => Some(v.clone()),
+                    None => it.next_if(|n| parse_switch(n).is_some()).cloned(),
+                };
+                config.preempt = match v {
+                    None => true,
+                    Some(v) => parse_switch(&v)
+                        .ok_or_else(|| format!("--preempt: '{v}' is not on or off"))?,
+                };
+            }
+            "--no-preempt" => config.preempt = false,
+            "--cut-after" => {
+                let v = value()?;
+                config.cut_after =
+                    Some(v.parse().ok().filter(|&n: &u64| n > 0).ok_or_else(|| {
+                        format!("--cut-after: '{v}' is not a number of pages (at least 1)")
+                    })?);
+            }
+            "--cut-outage" => {
+                let v = value()?;
+                config.cut_outage_ms = v
+                    .trim_end_matches("ms")
+                    .parse()
+                    .ok()
+                    .filter(|&n: &u64| n <= 60_000)
+                    .ok_or_else(|| {
+                        format!("--cut-outage: '{v}' is not a number of ms from 0 to 60000")
+                    })?;
             }
             other => return Err(format!("unknown option '{other}' (see --help)")),
         }
@@ -440,5 +519,15 @@ mod tests {
         assert!(a(&["--ram"]).is_err());
         assert!(a(&["--bogus"]).is_err());
         assert!(a(&["--ram", "3M", "--page-size", "2m"]).is_err());
+        assert!(o.config.preempt, "preempt is on by default");
+        assert!(a(&["--preempt", "--json"]).unwrap().config.preempt);
+        let off = a(&["--preempt", "off", "--json"]).unwrap();
+        assert!(!off.config.preempt && off.json);
+        assert!(!a(&["--preempt=no"]).unwrap().config.preempt);
+        assert!(a(&["--preempt=maybe"]).is_err());
+        let cut = a(&["--cut-after", "5000", "--cut-outage", "250"]).unwrap();
+        assert_eq!(cut.config.cut_after, Some(5000));
+        assert_eq!(cut.config.cut_outage_ms, 250);
+        assert!(a(&["--cut-after", "0"]).is_err());
     }
 }

@@ -1,11 +1,18 @@
 //! The demo's wire protocol: 16-byte little-endian frame headers, some followed by a payload.
 //!
-//! Two TCP connections join a source and a destination, as QEMU's postcopy-preempt does:
+//! One or two TCP connections join a source and a destination, as in QEMU:
 //! - the main channel carries the RAM stream (precopy pages, discards, the switchover, the
 //!   background postcopy stream, checksums, statistics) from the source, and the return path
-//!   (progress, the final report, errors) from the destination;
-//! - the urgent channel carries page requests from the destination and, back, the requested
-//!   pages, so a demand fault never waits behind the background stream.
+//!   (progress, page requests, the final report, errors) from the destination. Without
+//!   preempt (QEMU's vanilla postcopy) the requested pages come back on it too, flagged
+//!   `FLAG_URGENT` and queued with the background stream;
+//! - with preempt, a second connection (the preempt channel, opened through the library's
+//!   postcopy_preempt_* entrypoints) carries only the requested pages, so a demand fault
+//!   never waits behind the background stream.
+//!
+//! After a broken connection in postcopy the source connects again with a HELLO marked
+//! `resume`; the destination answers with RESUME (the pages it holds), the source opens a
+//! new preempt channel (with preempt), and both carry on from there.
 //!
 //! Header: `kind: u8, flags: u8, reserved: u16, block: u32, arg: u64`. Pages carry exactly
 //! one block page of data (the page size both sides agreed in HELLO); other payloads carry
@@ -14,7 +21,9 @@ use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
 
 pub const HEADER_LEN: usize = 16;
-pub const VERSION: u64 = 1;
+pub const VERSION: u64 = 2;
+/// Header flag of a page sent because the destination asked for it.
+pub const FLAG_URGENT: u8 = 1;
 /// Payloads with a length field are bounded, so a corrupt header cannot make us allocate
 /// without limit (a checksum list of 1 TiB of 4 KiB pages in one block is 2 GiB: we send
 /// checksums in chunks well below this).
@@ -23,7 +32,7 @@ pub const MAX_PAYLOAD: u64 = 64 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
-    /// Either channel, first frame: JSON `{channel, version, config}`.
+    /// Either channel, first frame: JSON `{channel, version, config, resume}`.
     Hello = 1,
     /// Destination: RAM allocated, postcopy_ram_incoming_init done; precopy may start.
     Ready = 2,
@@ -43,7 +52,7 @@ pub enum Kind {
     Checksums = 8,
     /// The source's statistics, JSON of `arg` bytes: its last frame, after the report.
     SourceStats = 9,
-    /// Destination, urgent channel: please send page of `block` at byte `arg` now.
+    /// Destination, return path: please send page of `block` at byte `arg` now.
     Request = 10,
     /// Destination: `arg` pages are in place; `block` is the phase (see `Phase`).
     Progress = 11,
@@ -51,6 +60,9 @@ pub enum Kind {
     Report = 12,
     /// Either side: it is giving up; the message (`arg` bytes, UTF-8) says why.
     Failed = 13,
+    /// Destination, first frame on a resumed main channel: the pages it holds, a bitmap of
+    /// `arg` bytes (u64 words, bit g of word g / 64 for global page g).
+    Resume = 14,
 }
 
 impl Kind {
@@ -70,6 +82,7 @@ impl Kind {
             11 => Progress,
             12 => Report,
             13 => Failed,
+            14 => Resume,
             _ => return None,
         })
     }
@@ -84,6 +97,7 @@ impl Kind {
                 | Kind::SourceStats
                 | Kind::Report
                 | Kind::Failed
+                | Kind::Resume
         )
     }
 }
@@ -109,18 +123,38 @@ impl Phase {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
     pub kind: Kind,
+    /// FLAG_* bits.
+    pub flags: u8,
     pub block: u32,
     pub arg: u64,
 }
 
 impl Header {
     pub fn new(kind: Kind, block: u32, arg: u64) -> Header {
-        Header { kind, block, arg }
+        Header {
+            kind,
+            flags: 0,
+            block,
+            arg,
+        }
+    }
+
+    /// A page (or zero page) sent because the destination asked for it.
+    pub fn urgent(kind: Kind, block: u32, arg: u64) -> Header {
+        Header {
+            flags: FLAG_URGENT,
+            ..Header::new(kind, block, arg)
+        }
+    }
+
+    pub fn is_urgent(&self) -> bool {
+        self.flags & FLAG_URGENT != 0
     }
 
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0] = self.kind as u8;
+        b[1] = self.flags;
         b[4..8].copy_from_slice(&self.block.to_le_bytes());
         b[8..16].copy_from_slice(&self.arg.to_le_bytes());
         b
@@ -135,7 +169,12 @@ impl Header {
         })?;
         let block = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
         let arg = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
-        let h = Header { kind, block, arg };
+        let h = Header {
+            kind,
+            flags: b[1],
+            block,
+            arg,
+        };
         if kind.has_sized_payload() && arg > MAX_PAYLOAD {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -223,6 +262,11 @@ impl FrameWriter {
         self.inner.write_all(data)
     }
 
+    /// Bytes already framed (a header and its data).
+    pub fn raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.inner.write_all(bytes)
+    }
+
     pub fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
@@ -286,6 +330,9 @@ mod tests {
     fn header_round_trip() {
         let h = Header::new(Kind::Page, 7, 0x1234_5678_9000);
         assert_eq!(Header::decode(&h.encode()).unwrap(), h);
+        let u = Header::urgent(Kind::Zero, 2, 0x3000);
+        assert!(u.is_urgent() && !h.is_urgent());
+        assert_eq!(Header::decode(&u.encode()).unwrap(), u);
         let mut bad = h.encode();
         bad[0] = 99;
         assert!(Header::decode(&bad).is_err());

@@ -4,6 +4,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const KIB: u64 = 1 << 10;
 pub const MIB: u64 = 1 << 20;
@@ -418,6 +419,48 @@ pub fn fmt_bytes(v: u64) -> String {
     format!("{v} B")
 }
 
+/// One bit per page, shared between threads.
+pub struct PageBitmap {
+    words: Vec<AtomicU64>,
+}
+
+impl PageBitmap {
+    pub fn new(pages: u64) -> PageBitmap {
+        PageBitmap {
+            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Sets bit `g`; true if the caller set it first.
+    pub fn set(&self, g: u64) -> bool {
+        let bit = 1u64 << (g % 64);
+        self.words[(g / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+
+    pub fn test(&self, g: u64) -> bool {
+        self.words[(g / 64) as usize].load(Ordering::Acquire) & (1u64 << (g % 64)) != 0
+    }
+
+    /// The words, for the wire.
+    pub fn to_words(&self) -> Vec<u64> {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect()
+    }
+
+    /// Replaces every bit (nobody else may use the bitmap meanwhile).
+    pub fn assign(&self, words: &[u64]) {
+        for (w, &v) in self.words.iter().zip(words) {
+            w.store(v, Ordering::Release);
+        }
+    }
+
+    pub fn words(&self) -> usize {
+        self.words.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,6 +498,17 @@ mod tests {
             .count() as u64;
         let pct = zeros * 100 / n;
         assert!((20..=60).contains(&pct), "{pct}% zero pages");
+    }
+
+    #[test]
+    fn page_bitmap() {
+        let b = PageBitmap::new(130);
+        assert_eq!(b.words(), 3);
+        assert!(b.set(129) && !b.set(129));
+        assert!(b.test(129) && !b.test(128));
+        let c = PageBitmap::new(130);
+        c.assign(&b.to_words());
+        assert!(c.test(129) && !c.test(0));
     }
 
     #[test]

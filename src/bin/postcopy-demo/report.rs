@@ -27,7 +27,7 @@ pub struct SourceStats {
     pub streamed_precopy: u64,
     /// Non-zero pages sent by the background stream after switchover.
     pub streamed_postcopy: u64,
-    /// Non-zero pages sent on demand, on the priority channel.
+    /// Non-zero pages sent on demand (preempt channel, or queued into the main stream).
     pub requested: u64,
     /// Pages sent as zero-page markers (any phase, any channel).
     pub zero: u64,
@@ -43,6 +43,31 @@ pub struct SourceStats {
     pub precopy_s: f64,
     pub postcopy_s: f64,
     pub checksum_s: f64,
+    #[serde(default)]
+    pub recovery: SourceRecovery,
+}
+
+/// What the source saw of cuts and resumes.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SourceRecovery {
+    /// Times it connected again after losing the destination in postcopy.
+    pub reconnects: u64,
+    /// Lost to resumed (the destination's RESUME read, channels open again), summed.
+    pub outage_ms: f64,
+    /// Pages sent before a cut that the destination never got: sent again.
+    pub lost_in_flight: u64,
+    /// Pages the destination still lacked at the (last) resume.
+    pub dest_lacked_at_resume: u64,
+    /// Page requests received since the last resume.
+    pub requests_after_resume: u64,
+    /// Pages requested more than once since the last resume (each extra request counts).
+    pub duplicate_requests_after_resume: u64,
+    /// Requests since the last resume for pages also requested before it.
+    pub repeat_requests_after_resume: u64,
+    /// Requests received on a connection that broke before they were served.
+    pub requests_dropped_in_cut: u64,
+    /// Preempt channels opened (postcopy_preempt_establish_channel), resumes included.
+    pub preempt_channels_opened: u64,
 }
 
 /// The library's counters (postcopy_incoming_get_stats).
@@ -57,6 +82,28 @@ pub struct LibraryStats {
     pub zero_pages_placed: u64,
     pub placed_already_present: u64,
     pub outstanding_requests: u64,
+    #[serde(default)]
+    pub pauses: u64,
+    #[serde(default)]
+    pub resent_after_resume: u64,
+}
+
+/// What the destination saw of cuts and resumes.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DestRecovery {
+    /// The cut happened (--cut-after was reached).
+    pub cut: bool,
+    /// Pages placed in postcopy when the connections were dropped.
+    pub placed_at_cut: u64,
+    /// Times the migration resumed after a broken connection.
+    pub resumes: u64,
+    /// Connection lost to page requests flowing again, summed over resumes.
+    pub outage_ms: f64,
+    /// Faults the fault thread recorded while paused.
+    pub faults_during_outage: u64,
+    /// Requests outstanding when the return path came back (summed over resumes): what the
+    /// library must send again, once each.
+    pub outstanding_at_resume: u64,
 }
 
 /// Demand-fault latency as the destination measured it: from the page request (the
@@ -162,10 +209,24 @@ pub struct DestStats {
     pub postcopy_s: f64,
     pub library: LibraryStats,
     pub latency: Latency,
+    /// Of those: pages sent because they were asked for.
+    #[serde(default)]
+    pub latency_on_demand: Latency,
+    /// Of those: pages the stream had sent already when the request came (they wait
+    /// behind the stream in either mode).
+    #[serde(default)]
+    pub latency_in_stream: Latency,
     pub blocktime: Option<Blocktime>,
     /// Why there is no blocktime, when there is none.
     pub blocktime_note: Option<String>,
+    /// vCPU threads started; `vcpus` lists those that finished their workload.
+    pub vcpus_started: u32,
     pub vcpus: Vec<Vcpu>,
+    /// Preempt channels the library was handed (postcopy_preempt_channels_seen).
+    pub preempt_channels: i64,
+    /// Pages that arrived when they were already in place (never expected).
+    pub placed_twice: u64,
+    pub recovery: DestRecovery,
     pub verification: Verification,
 }
 
@@ -220,6 +281,8 @@ pub struct Placement {
     /// Pages missing at switchover, all placed by the end.
     pub missing_at_switchover: u64,
     pub placed_from_stream: u64,
+    /// Placed because they were asked for: from the preempt channel, or (without preempt)
+    /// sent on demand on the main channel. The name predates vanilla mode.
     pub placed_from_priority_channel: u64,
     pub placed_zero: u64,
     /// postcopy_ram_incoming_setup alone.
@@ -238,8 +301,44 @@ pub struct Requests {
     pub already_in_flight: u64,
     /// duplicate_faults_not_resent + already_in_flight.
     pub duplicates_avoided: u64,
+    /// Requests the source answered with the page (preempt channel, or queued into the
+    /// main stream without preempt).
     pub served_on_priority_channel: u64,
     pub errors: u64,
+}
+
+/// The cut and the resume, both sides.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Recovery {
+    /// --cut-after.
+    pub cut_after: Option<u64>,
+    /// Whether the cut happened (postcopy may end before that many pages are placed).
+    pub cut: bool,
+    pub placed_at_cut: u64,
+    pub resumes: u64,
+    /// Times the library's fault thread paused for a broken return path.
+    pub pauses: u64,
+    /// Destination: connection lost to page requests flowing again.
+    pub outage_ms: f64,
+    /// Source: connection lost to channels open again.
+    pub source_outage_ms: f64,
+    pub faults_during_outage: u64,
+    /// Requests outstanding at the moment of the resume (recorded by the destination).
+    pub outstanding_at_resume: u64,
+    /// Requests the library sent again after the resume (must equal the above).
+    pub resent_after_resume: u64,
+    /// Requests the library failed to send (the connection had just broken).
+    pub request_errors: u64,
+    pub preempt_channels: i64,
+    pub reconnects: u64,
+    pub pages_lost_in_flight: u64,
+    pub dest_lacked_at_resume: u64,
+    pub requests_after_resume: u64,
+    /// Must be 0: no page requested twice after the resume.
+    pub duplicate_requests_after_resume: u64,
+    /// Pages requested both before and after the resume (at most resent_after_resume).
+    pub repeat_requests_after_resume: u64,
+    pub requests_dropped_in_cut: u64,
 }
 
 /// Everything, as printed.
@@ -247,6 +346,12 @@ pub struct Requests {
 pub struct Report {
     pub ok: bool,
     pub config: Config,
+    /// "preempt" (requested pages on their own connection) or "vanilla" (queued into the
+    /// main stream).
+    pub mode: String,
+    /// Preempt channels the destination's library was handed: 1, plus one per resume, with
+    /// preempt; 0 without.
+    pub preempt_channels: i64,
     pub blocks: Vec<Block>,
     pub time: Times,
     pub bytes_sent: u64,
@@ -256,10 +361,16 @@ pub struct Report {
     pub requests: Requests,
     /// Demand-fault latency, request to placed.
     pub latency: Latency,
+    /// Of those: pages sent because they were asked for.
+    pub latency_on_demand: Latency,
+    /// Of those: pages already sent by the stream when the request came.
+    pub latency_in_stream: Latency,
     pub blocktime: Option<Blocktime>,
     pub blocktime_note: Option<String>,
     pub vcpus: Vec<Vcpu>,
     pub library: LibraryStats,
+    /// Present when a cut was asked for or the migration resumed.
+    pub recovery: Option<Recovery>,
     pub verification: Verification,
     pub problems: Vec<String>,
 }
@@ -295,6 +406,64 @@ impl Report {
                 d.placed_stream + d.placed_urgent
             ));
         }
+        if d.vcpus.len() != d.vcpus_started as usize {
+            problems.push(format!(
+                "{} of {} vCPU threads did not finish their workload",
+                d.vcpus_started as usize - d.vcpus.len().min(d.vcpus_started as usize),
+                d.vcpus_started
+            ));
+        }
+        if d.placed_twice > 0 {
+            problems.push(format!(
+                "{} pages arrived when already in place",
+                d.placed_twice
+            ));
+        }
+        let dr = &d.recovery;
+        let sr = &s.recovery;
+        let recovery = (cfg.cut_after.is_some() || dr.resumes > 0).then_some(Recovery {
+            cut_after: cfg.cut_after,
+            cut: dr.cut,
+            placed_at_cut: dr.placed_at_cut,
+            resumes: dr.resumes,
+            pauses: d.library.pauses,
+            outage_ms: dr.outage_ms,
+            source_outage_ms: sr.outage_ms,
+            faults_during_outage: dr.faults_during_outage,
+            outstanding_at_resume: dr.outstanding_at_resume,
+            resent_after_resume: d.library.resent_after_resume,
+            request_errors: d.library.request_errors,
+            preempt_channels: d.preempt_channels,
+            reconnects: sr.reconnects,
+            pages_lost_in_flight: sr.lost_in_flight,
+            dest_lacked_at_resume: sr.dest_lacked_at_resume,
+            requests_after_resume: sr.requests_after_resume,
+            duplicate_requests_after_resume: sr.duplicate_requests_after_resume,
+            repeat_requests_after_resume: sr.repeat_requests_after_resume,
+            requests_dropped_in_cut: sr.requests_dropped_in_cut,
+        });
+        if let Some(r) = &recovery {
+            if r.resumes > 0 {
+                if r.resent_after_resume != r.outstanding_at_resume {
+                    problems.push(format!(
+                        "{} requests were outstanding at the resume but the library sent {} again",
+                        r.outstanding_at_resume, r.resent_after_resume
+                    ));
+                }
+                if r.duplicate_requests_after_resume > 0 {
+                    problems.push(format!(
+                        "the source received {} duplicate page requests after the resume",
+                        r.duplicate_requests_after_resume
+                    ));
+                }
+                if r.repeat_requests_after_resume > r.resent_after_resume {
+                    problems.push(format!(
+                        "{} pages were requested again after the resume, more than the {} re-sent requests",
+                        r.repeat_requests_after_resume, r.resent_after_resume
+                    ));
+                }
+            }
+        }
         if !d.verification.passed {
             problems.push(format!(
                 "verification failed: {} of {} pages differ from the source",
@@ -304,6 +473,8 @@ impl Report {
         Report {
             ok: problems.is_empty(),
             config: cfg.clone(),
+            mode: if cfg.preempt { "preempt" } else { "vanilla" }.to_string(),
+            preempt_channels: d.preempt_channels,
             blocks: layout
                 .blocks
                 .iter()
@@ -351,10 +522,13 @@ impl Report {
                 errors: d.library.request_errors,
             },
             latency: d.latency.clone(),
+            latency_on_demand: d.latency_on_demand.clone(),
+            latency_in_stream: d.latency_in_stream.clone(),
             blocktime: d.blocktime.clone(),
             blocktime_note: d.blocktime_note.clone(),
             vcpus: d.vcpus.clone(),
             library: d.library.clone(),
+            recovery,
             verification: d.verification.clone(),
             problems,
         }
@@ -411,6 +585,15 @@ impl Report {
                 secs(t.verify_s)
             ),
         );
+        row(
+            &mut o,
+            "channels",
+            if c.preempt {
+                "preempt: page requests on the return path, requested pages on a second connection (the preempt channel)"
+            } else {
+                "vanilla: page requests on the return path, requested pages queued into the main stream (no preempt channel)"
+            },
+        );
         let moving = t.precopy_s + t.postcopy_s;
         let mbps = if moving > 0.0 {
             self.bytes_sent as f64 / moving / (1 << 20) as f64
@@ -463,11 +646,12 @@ impl Report {
             &mut o,
             "placed",
             &format!(
-                "{} pages missing at switchover ({} kept from precopy): {} from the stream, {} from the priority channel, {} of them zero pages; setup took {}",
+                "{} pages missing at switchover ({} kept from precopy): {} from the stream, {} on demand ({}), {} of them zero pages; setup took {}",
                 pl.missing_at_switchover,
                 pl.kept_from_precopy,
                 pl.placed_from_stream,
                 pl.placed_from_priority_channel,
+                if c.preempt { "preempt channel" } else { "main channel" },
                 pl.placed_zero,
                 ms(pl.setup_ms)
             ),
@@ -476,7 +660,7 @@ impl Report {
             &mut o,
             "demand requests",
             &format!(
-                "{} faults, {} requests sent; {} served on the priority channel ({} of them zero pages)",
+                "{} faults, {} requests sent; {} served on demand ({} of them zero pages)",
                 r.faults, r.sent, r.served_on_priority_channel, p.zero_requested
             ),
         );
@@ -496,13 +680,33 @@ impl Report {
                 &mut o,
                 "fault latency",
                 &format!(
-                    "p50 {}  p99 {}  max {}  mean {}  ({} pages, request to placed)",
+                    "{}: p50 {}  p99 {}  max {}  mean {}  ({} pages, request to placed)",
+                    self.mode,
                     us(l.p50_us),
                     us(l.p99_us),
                     us(l.max_us),
                     us(l.mean_us),
                     l.count
                 ),
+            );
+            let part = |l: &Latency| {
+                if l.count == 0 {
+                    "none".to_string()
+                } else {
+                    format!(
+                        "p50 {}  p99 {}  ({} pages)",
+                        us(l.p50_us),
+                        us(l.p99_us),
+                        l.count
+                    )
+                }
+            };
+            let _ = writeln!(
+                o,
+                "  {:20}  sent on demand: {}; already in the stream: {}",
+                "",
+                part(&self.latency_on_demand),
+                part(&self.latency_in_stream)
             );
             histogram(&mut o, &l.histogram);
         }
@@ -556,6 +760,60 @@ impl Report {
                         ms(v.run_ms)
                     );
                 }
+            }
+        }
+        if let Some(rc) = &self.recovery {
+            if !rc.cut && rc.resumes == 0 {
+                row(
+                    &mut o,
+                    "recovery",
+                    &format!(
+                        "no cut: postcopy placed fewer than {} pages",
+                        rc.cut_after.unwrap_or(0)
+                    ),
+                );
+            } else {
+                row(
+                    &mut o,
+                    "recovery",
+                    &format!(
+                        "{}{} resume{}; link down {} (source: {}); fault thread paused {} time{}, {} faults recorded meanwhile, {} requests failed as the link broke",
+                        if rc.cut {
+                            format!("connections cut after {} pages placed in postcopy; ", rc.placed_at_cut)
+                        } else {
+                            String::new()
+                        },
+                        rc.resumes,
+                        if rc.resumes == 1 { "" } else { "s" },
+                        ms(rc.outage_ms),
+                        ms(rc.source_outage_ms),
+                        rc.pauses,
+                        if rc.pauses == 1 { "" } else { "s" },
+                        rc.faults_during_outage,
+                        rc.request_errors
+                    ),
+                );
+                let _ = writeln!(
+                    o,
+                    "  {:20}  {} requests outstanding at the resume, {} sent again by the library; source: {} reconnect{}, {} pages lost in flight and sent again, {} pages still missing at the resume",
+                    "",
+                    rc.outstanding_at_resume,
+                    rc.resent_after_resume,
+                    rc.reconnects,
+                    if rc.reconnects == 1 { "" } else { "s" },
+                    rc.pages_lost_in_flight,
+                    rc.dest_lacked_at_resume
+                );
+                let _ = writeln!(
+                    o,
+                    "  {:20}  after the resume the source got {} requests: {} duplicates, {} for pages also requested before the cut; {} preempt channel{} seen by the destination",
+                    "",
+                    rc.requests_after_resume,
+                    rc.duplicate_requests_after_resume,
+                    rc.repeat_requests_after_resume,
+                    rc.preempt_channels,
+                    if rc.preempt_channels == 1 { "" } else { "s" }
+                );
             }
         }
         let v = &self.verification;
