@@ -444,8 +444,11 @@ extern "C" {
 // blocktime is off, `ptid` is 0, or the page is already received. The library's own fault
 // thread does the same internally, so a hypervisor using it need not call this.
 //
+// A `ptid` of 0 returns before any check. Otherwise the arguments are checked whether or
+// not blocktime is on.
+//
 // Thread: any (QEMU: the fault thread). Errors (logged): NULL `rb`, no set-up context,
-// `addr` outside `rb`.
+// `rb` not one of the set-up context's blocks, `addr` outside `rb`.
 void mark_postcopy_blocktime_begin(uintptr_t addr, uint32_t ptid, RAMBlock *rb);
 
 // Reads the blocktime figures of `mis` (not part of QEMU's header): live while set up, the
@@ -511,21 +514,28 @@ int postcopy_host_unregister(void);
 // munlockall() as QEMU does.
 //
 // Thread: main thread. Errors: false, with `*errp` set to the cause (by the failing
-// notifier for PROBE); NULL `mis` and no registered host are errors too. Nothing leaks.
+// notifier for PROBE); NULL `mis` is an error too. With no host registered there is no
+// way to set `*errp` (errors are a host service): false, the cause is logged and `*errp`
+// is left untouched; so is a NULL `errp`. Nothing leaks.
 bool postcopy_ram_supported_by_host(MigrationIncomingState *mis, Error **errp);
 
 // Snapshots the host's RAM blocks (range, page size, length now) and discards their
 // contents so every page is missing. Call before any precopy RAM is loaded.
 //
-// Thread: main thread. Returns 0, or a negative errno with the cause logged: NULL `mis`,
-// no host, invalid blocks (overlapping, misaligned), a failed discard, already set up.
+// Calling it again before setup takes a new snapshot and discards again.
+//
+// Thread: main thread. Returns 0, or a negative errno with the cause logged: NULL `mis`
+// (-EINVAL), no host (-ENODEV), invalid blocks (overlapping, misaligned: -EINVAL), a failed
+// discard (its errno), already set up (-EBUSY).
 int postcopy_ram_incoming_init(MigrationIncomingState *mis);
 
 // MADV_NOHUGEPAGE on every block (a transparent huge page would be half discarded), then
 // state DISCARD.
 //
-// Thread: main thread. Returns 0, or a negative errno with the cause logged (NULL `mis`,
-// no host, madvise failure).
+// Needs no init (it reads the host's blocks when init has not run).
+//
+// Thread: main thread. Returns 0, or a negative errno with the cause logged (NULL `mis`:
+// -EINVAL, no host: -ENODEV, madvise failure: its errno).
 int postcopy_ram_prepare_discard(MigrationIncomingState *mis);
 
 // Makes all of RAM fault into the fault thread: opens the userfaultfd (kernel-mode faults
@@ -534,9 +544,13 @@ int postcopy_ram_prepare_discard(MigrationIncomingState *mis);
 // preempt) and the zero page, starts blocktime when the host enables it, and starts the
 // fault thread (and the preempt thread with preempt).
 //
-// Thread: main thread. Returns 0, or a negative errno with the cause logged: NULL `mis`, no
-// host, userfaultfd unavailable, a registration refused, already set up (-EBUSY). A failed
-// setup leaves nothing behind; cleanup after it is still safe.
+// Without init it snapshots the host's blocks itself (and discards nothing).
+//
+// Thread: main thread. Returns 0, or a negative errno with the cause logged: NULL `mis`
+// (-EINVAL), no host (-ENODEV), userfaultfd unavailable, a registration refused (the
+// ioctl's errno: -EBUSY when another userfaultfd, e.g. another `mis`, covers the range),
+// already set up (-EBUSY). A failed setup leaves nothing behind (no fd, thread or mapping);
+// cleanup after it is still safe.
 int postcopy_ram_incoming_setup(MigrationIncomingState *mis);
 
 // Ends postcopy on the destination: with preempt, waits for outstanding requests (not when
@@ -545,15 +559,16 @@ int postcopy_ram_incoming_setup(MigrationIncomingState *mis);
 // temp pages. Blocktime figures stay readable until the next setup.
 //
 // Thread: the thread that ends postcopy (QEMU: the listen thread, or the main thread).
-// Returns 0, or a negative errno with the cause logged (an INBOUND_END notifier failed, an
-// unregistration failed); teardown completes either way. Safe to call twice, after a
-// failed setup, or without setup (then only INBOUND_END is owed, after init).
+// Returns 0, or a negative errno with the cause logged (NULL `mis`: -EINVAL, an INBOUND_END
+// notifier failed, an unregistration failed); teardown completes either way. Safe to call
+// twice, after a failed setup, without setup (then only INBOUND_END is owed, after init),
+// or for a `mis` never seen (0, nothing done); it needs no registered host.
 int postcopy_ram_incoming_cleanup(MigrationIncomingState *mis);
 
 // Kicks the fault thread: it re-checks whether to quit and whether the return path is up
 // (call it after the host's return_path_ok answer changes).
 //
-// Thread: any. Errors (logged): NULL `mis`, not set up.
+// Thread: any. Errors (logged): NULL `mis`, not set up (also after cleanup).
 void postcopy_fault_thread_notify(MigrationIncomingState *mis);
 
 // Creates a thread running `fn(mis)` named `name`, and returns once it has started.
@@ -561,8 +576,11 @@ void postcopy_fault_thread_notify(MigrationIncomingState *mis);
 // signals mis->thread_sync_event itself). Without it: a pthread (detached unless
 // `joinable`) whose `pthread_t` is written to `thread->thread`.
 //
-// Thread: main thread. Errors (logged; `*thread` untouched): NULL `mis`, `thread` or
-// `fn`, pthread_create failure.
+// `name` may be NULL (the thread keeps its default name); a longer name is cut to the
+// 15 bytes Linux keeps. Needs no registered host.
+//
+// Thread: main thread. Errors (logged; `*thread` untouched, nothing started): NULL `mis`,
+// `thread` or `fn`, pthread_create failure.
 void postcopy_thread_create(MigrationIncomingState *mis,
                             QemuThread *thread,
                             const char *name,
@@ -572,7 +590,8 @@ void postcopy_thread_create(MigrationIncomingState *mis,
 // Fills `*out` with the counters of `mis`'s incoming context (not part of QEMU's header).
 // Counters are reset by setup and stay readable after cleanup.
 //
-// Thread: any. Returns 0; -EINVAL for NULL arguments; -ENOENT when `mis` has no context.
+// Thread: any. Returns 0; -EINVAL for NULL arguments; -ENOENT when `mis` has no context
+// (none of init, prepare_discard, setup or preempt_new_channel ran for it). Not logged.
 int postcopy_incoming_get_stats(MigrationIncomingState *mis, struct PostcopyIncomingStats *out);
 
 // The temp page of `channel` (RAM_CHANNEL_PRECOPY, or RAM_CHANNEL_POSTCOPY with preempt)
@@ -580,10 +599,12 @@ int postcopy_incoming_get_stats(MigrationIncomingState *mis, struct PostcopyInco
 // page before placing it (QEMU's postcopy_tmp_pages[] / postcopy_tmp_zero_page). Not part
 // of QEMU's header.
 //
-// Thread: any. Returns NULL (logged) when not set up or for an unknown channel.
+// Thread: any. Returns NULL (logged) when `mis` is NULL or not set up, or for a channel
+// without a temp page (RAM_CHANNEL_POSTCOPY without preempt, RAM_CHANNEL_MAX and above).
 void *postcopy_incoming_temp_page(MigrationIncomingState *mis, uint32_t channel);
 
-// The zero page (see postcopy_incoming_temp_page). NULL (logged) when not set up.
+// The zero page (see postcopy_incoming_temp_page). NULL (logged) when `mis` is NULL or not
+// set up.
 void *postcopy_incoming_zero_page(MigrationIncomingState *mis);
 
 // Adds a notifier, called (newest first) with a `PostcopyNotifyData *` at PROBE,
@@ -612,9 +633,12 @@ int postcopy_notify(enum PostcopyNotifyReason reason, Error **errp);
 // `from` needs no alignment. A page already present (EEXIST) is woken and counts as placed.
 //
 // Thread: the hypervisor's loading threads (QEMU: listen thread, preempt thread).
-// Returns 0, or a negative errno with the cause logged: NULL argument (-EINVAL), not set up
-// (-ENODEV), `rb` unknown or `host` outside it (-EFAULT), `host` not page aligned
-// (-EINVAL), the ioctl's errno, or a shared waker's status.
+// Returns 0, or a negative errno with the cause logged: NULL `mis`, `rb` or `from`
+// (-EINVAL), not set up (no context, before setup, after cleanup: -ENODEV), `rb` not one of
+// the blocks snapshotted at setup (a block added later included) or `host` outside it
+// (NULL included: -EFAULT), `host` not page aligned (-EINVAL), the ioctl's errno (-EFAULT
+// when `from` is unreadable), or a shared waker's status. Nothing outside `rb`'s range is
+// ever written.
 int postcopy_place_page(MigrationIncomingState *mis, void *host, void *from, RAMBlock *rb);
 
 // Places a zero page of `rb` at `host`: UFFDIO_ZEROPAGE, or a copy of the library's zero
@@ -624,42 +648,81 @@ int postcopy_place_page(MigrationIncomingState *mis, void *host, void *from, RAM
 // Thread: the hypervisor's loading threads, or the fault thread.
 int postcopy_place_page_zero(MigrationIncomingState *mis, void *host, RAMBlock *rb);
 
+// Places `npages` contiguous pages of `rb` at `host` from `from` (`npages` times the
+// block's page size, contiguous too) with one UFFDIO_COPY for the whole run, which wakes
+// the threads faulting on any of them; then, for every page, what postcopy_place_page
+// does: marks it received, drops it from the requested set, ends its blocktime (one
+// clock read for the run), and runs the shared-userfaultfd wakers. A page already present
+// (EEXIST) is woken, counted as placed, and skipped; the rest of the run is still copied.
+// Not part of QEMU's header: for a loading thread that receives runs of contiguous pages
+// (one ioctl per run is cheaper per page than one per page). `npages` 0 places nothing
+// and returns 0 once the arguments are checked.
+//
+// Thread: the hypervisor's loading threads (QEMU: listen thread, preempt thread).
+// Returns 0, or a negative errno with the cause logged: NULL `mis`, `rb` or `from`
+// (-EINVAL), not set up (-ENODEV), `rb` not one of the blocks snapshotted at setup or
+// `host` outside it (-EFAULT), a run that would pass the block's end (-EFAULT, nothing
+// placed), `host` not page aligned (-EINVAL), the ioctl's errno (-EFAULT when part of
+// `from` is unreadable: the pages before the failure are placed and accounted for, the
+// rest are not), or a shared waker's status. Nothing outside `rb`'s range is ever written.
+int postcopy_place_pages(MigrationIncomingState *mis,
+                         void *host,
+                         void *from,
+                         uint64_t npages,
+                         RAMBlock *rb);
+
 // Destination: the source connected the preempt channel `file`. The preempt thread loads
 // urgent pages from it (through the host's preempt_load); after a failure, a new channel
 // handed over here resumes it.
 //
-// Thread: main thread. Errors (logged): NULL arguments, `mis` has no incoming context.
+// The incoming context of `mis` is created if it has none yet; a channel handed over
+// before setup is loaded once setup starts the preempt thread (with the capability on).
+//
+// Thread: main thread. Errors (logged; nothing recorded): NULL arguments, no host
+// registered.
 void postcopy_preempt_new_channel(MigrationIncomingState *mis, QEMUFile *file);
 
 // Source: start opening the preempt channel of `s` (through the host's preempt_connect,
 // which may finish later and report with postcopy_preempt_channel_result).
 //
 // Thread: migration thread or main thread. Errors (logged): NULL `s`, no host; a failed
-// connect is recorded and returned by postcopy_preempt_establish_channel.
+// connect (a host without a connect hook fails with ENOTSUP) is recorded, not logged here,
+// and returned by postcopy_preempt_establish_channel.
 void postcopy_preempt_setup(MigrationState *s);
 
 // Source: returns 0 at once when preempt is off; otherwise starts the connect if nobody
 // has and waits until the channel exists (0) or failed (-1, reason logged).
 //
-// Thread: migration thread (it blocks). Errors: -1 for NULL `s` or no host, logged.
+// A connect that reported "pending" blocks this call until the host calls
+// postcopy_preempt_channel_result for `s`. The outcome is consumed: the next call (a
+// resume) starts a new connect.
+//
+// Thread: migration thread (it blocks). Errors: -1 for NULL `s`, no host, or a failed
+// connect, each logged.
 int postcopy_preempt_establish_channel(MigrationState *s);
 
 // Source: the host's asynchronous result of connecting the preempt channel of `s`: 0 for
-// connected, a negative errno for failed (not part of QEMU's header). Wakes
+// connected, a negative errno for failed (not part of QEMU's header; any non-zero value is
+// a failure, logged, a positive one read as an errno). Wakes
 // postcopy_preempt_establish_channel. Calling postcopy_preempt_setup again starts over.
 //
-// Thread: any (QEMU: the main loop's connect callback).
+// Thread: any (QEMU: the main loop's connect callback). Needs no host. Errors (logged):
+// NULL `s`.
 void postcopy_preempt_channel_result(MigrationState *s, int rc);
 
 // Destination: how many preempt channels `mis` has been handed (not part of QEMU's
 // header); more than one means it reconnected after a failure.
 //
-// Thread: any. Returns the count, or -ENOENT when `mis` has no context.
+// Thread: any. Returns the count, or -ENOENT when `mis` is NULL or has no context. Not
+// logged.
 int64_t postcopy_preempt_channels_seen(MigrationIncomingState *mis);
 
 // Registers a userfaultfd owned by another process over guest RAM. `*pcfd` is copied; the
 // fault thread polls `pcfd->fd` from now on (also when it is already running) and hands
 // each message to `pcfd->handler`; placements call `pcfd->waker`.
+//
+// A NULL `handler` drops the fd's messages; a NULL `waker` is skipped. An fd that is not
+// open, or fails, is logged by the fault thread and no longer polled.
 //
 // Thread: main thread. Errors (logged; nothing registered): NULL `pcfd`, a negative fd, an
 // fd already registered.
@@ -680,8 +743,9 @@ int postcopy_notify_shared_wake(RAMBlock *rb, uint64_t offset);
 // Wakes the shared client's threads waiting on the page of `rb` at `client_addr` (in the
 // client's address space): UFFDIO_WAKE of one page at the page-aligned address.
 //
-// Thread: any. Returns 0, or a negative errno (logged): NULL arguments, `rb` unknown, the
-// ioctl's errno.
+// Thread: any. Returns 0, or a negative errno (logged): NULL arguments (-EINVAL), no
+// set-up context and no host (-ENODEV), `rb` unknown (-EFAULT), the ioctl's errno (-EBADF
+// for an fd that is not open, -ENOTTY/-EINVAL for one that is not a userfaultfd).
 int postcopy_wake_shared(struct PostCopyFD *pcfd, uint64_t client_addr, RAMBlock *rb);
 
 // Called by a shared fault handler: the client faulted at `client_addr`, which is
@@ -690,7 +754,9 @@ int postcopy_wake_shared(struct PostCopyFD *pcfd, uint64_t client_addr, RAMBlock
 // placement clears it) and the client is woken by its waker when it arrives.
 //
 // Thread: the fault thread (inside a handler) or any. Returns 0, or a negative errno
-// (logged): NULL arguments, not set up, `rb` unknown, `offset` past the block.
+// (logged): NULL arguments (-EINVAL), not set up (-ENODEV), `rb` not one of the set-up
+// context's blocks (-EFAULT), `offset` past the block (-EINVAL), or the wake's errno for a
+// page already received.
 int postcopy_request_shared_page(struct PostCopyFD *pcfd,
                                  RAMBlock *rb,
                                  uint64_t client_addr,
@@ -722,9 +788,11 @@ int postcopy_standalone_host_install(struct PostcopyStandaloneHost *host);
 // backed by `fd` at `fd_offset` (fd -1: anonymous). Returns the block's `RAMBlock *`, valid
 // while the host lives.
 //
-// Thread: main thread, before postcopy_ram_incoming_init. Returns NULL (logged) for NULL
-// arguments, a name of 0 or more than 255 bytes or already used, a misaligned or
-// overlapping range, a page size that is not a power of two.
+// Thread: main thread, before postcopy_ram_incoming_init. A block added later is accepted
+// but covered only from the next init or setup (placing into it fails with -EFAULT until
+// then). Returns NULL (logged) for NULL arguments (`addr` included), a name of 0 or more
+// than 255 bytes or already used, a misaligned, empty, partial-page, overlapping or
+// address-space-wrapping range, a page size that is not a power of two.
 RAMBlock *postcopy_standalone_add_ram_block(struct PostcopyStandaloneHost *host,
                                             const char *idstr,
                                             void *addr,
@@ -781,7 +849,8 @@ int postcopy_standalone_set_preempt_callbacks(struct PostcopyStandaloneHost *hos
                                               PostcopyPreemptShutdownFn shutdown,
                                               void *opaque);
 
-// Adds a vCPU (index and kernel thread id) for blocktime. Read at setup.
+// Adds a vCPU (index and kernel thread id) for blocktime. Read at setup; blocktime ignores
+// a vCPU whose index is 2^20 or more.
 //
 // Thread: main thread. Returns 0, or -EINVAL for a NULL host.
 int postcopy_standalone_add_vcpu(struct PostcopyStandaloneHost *host, uint32_t index, uint32_t tid);
@@ -796,13 +865,14 @@ int postcopy_standalone_set_capabilities(struct PostcopyStandaloneHost *host,
 // Reports the return path to the source up (`ok`) or down, and kicks the fault thread of
 // `mis` (may be NULL) so it pauses, or resumes and sends every outstanding request again.
 //
-// Thread: any. Returns 0, or -EINVAL for a NULL host.
+// Thread: any. Returns 0, or -EINVAL for a NULL host. A `mis` without a set-up context is
+// ignored.
 int postcopy_standalone_set_return_path(struct PostcopyStandaloneHost *host,
                                         MigrationIncomingState *mis,
                                         bool ok);
 
-// Is the page at byte `offset` of `rb` received? Returns 1 or 0; -EINVAL for NULL host,
-// -EFAULT for an unknown block.
+// Is the page at byte `offset` of `rb` received? Returns 1 or 0 (0 for an offset past the
+// block's end); -EINVAL for NULL host, -EFAULT for an unknown (or NULL) block. Not logged.
 //
 // Thread: any.
 int postcopy_standalone_page_received(struct PostcopyStandaloneHost *host,
@@ -810,9 +880,10 @@ int postcopy_standalone_page_received(struct PostcopyStandaloneHost *host,
                                       uint64_t offset);
 
 // Marks `[offset, offset + length)` bytes of `rb` received without placing them (precopy
-// wrote them directly).
+// wrote them directly): every page the range touches. A length of 0 marks nothing.
 //
-// Thread: the loading thread. Returns 0, -EINVAL for NULL host, -EFAULT for an unknown block.
+// Thread: the loading thread. Returns 0, or (logged, nothing marked) -EINVAL for NULL host
+// or a range past the block's end, -EFAULT for an unknown block.
 int postcopy_standalone_mark_received(struct PostcopyStandaloneHost *host,
                                       RAMBlock *rb,
                                       uint64_t offset,
@@ -821,7 +892,10 @@ int postcopy_standalone_mark_received(struct PostcopyStandaloneHost *host,
 // Discards `[start, start + length)` bytes of `rb` on the destination (an incoming discard
 // command): clears the received bits and drops the memory.
 //
-// Thread: main thread. Returns 0, or a negative errno (logged).
+// Thread: main thread. Returns 0, or a negative errno (logged; the received bits are left
+// alone): -EINVAL for NULL host, a range past the block's end, or a start or length that
+// is not a multiple of the block's page size; -EFAULT for an unknown block; the errno of
+// the madvise/fallocate that drops the memory.
 int postcopy_standalone_discard_range(struct PostcopyStandaloneHost *host,
                                       RAMBlock *rb,
                                       uint64_t start,

@@ -15,7 +15,7 @@ use crate::sys::eventfd::EventFd;
 use crate::sys::host_page_size;
 use crate::sys::mem::{self, AnonMapping};
 use crate::sys::uffd::{self, Userfaultfd};
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Condvar, MappedRwLockReadGuard, Mutex, RwLock, RwLockReadGuard};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -124,7 +124,9 @@ impl BlockTable {
         if !b.contains(addr) {
             return Err(Error::OutsideRam { addr });
         }
-        if addr % b.page_size() != 0 {
+        // Page sizes are powers of two (checked when the table is built): a mask, not a
+        // division, on this per-page path.
+        if addr & (b.page_size() - 1) != 0 {
             return Err(Error::Misaligned {
                 addr,
                 page_size: b.page_size(),
@@ -166,7 +168,11 @@ pub struct Incoming {
     pub notifiers: Arc<NotifierList>,
     pub shared: Arc<SharedUfdRegistry>,
     pub clock: Arc<dyn Clock>,
+    /// Serialises init, setup and cleanup; never held while a notifier runs.
     lifecycle: Mutex<Lifecycle>,
+    /// The snapshot taken by init. Its own lock, held only to copy the Arc, so `blocks()`
+    /// works from inside any callback (a notifier, a host op) without the lifecycle lock.
+    snapshot: RwLock<Option<Arc<BlockTable>>>,
     active: RwLock<Option<Arc<Active>>>,
     /// QEMU's page_request_mutex: the requested set, blocktime and pause state.
     pub requests: Mutex<PageRequests>,
@@ -178,8 +184,6 @@ pub struct Incoming {
 
 #[derive(Default)]
 struct Lifecycle {
-    /// The snapshot taken by init, used by setup.
-    blocks: Option<Arc<BlockTable>>,
     /// init or setup ran and cleanup has not: INBOUND_END is owed.
     end_owed: bool,
 }
@@ -208,6 +212,7 @@ impl Incoming {
             shared,
             clock,
             lifecycle: Mutex::new(Lifecycle::default()),
+            snapshot: RwLock::new(None),
             active: RwLock::new(None),
             requests: Mutex::new(PageRequests::default()),
             drained: Condvar::new(),
@@ -219,6 +224,15 @@ impl Incoming {
     /// The setup-time resources, or NotSetUp.
     pub fn active(&self) -> Result<Arc<Active>> {
         self.active.read().clone().ok_or(Error::NotSetUp)
+    }
+
+    /// The setup-time resources for a short use on a per-page path (placement), without
+    /// touching their reference count: a recursive read guard, which never waits for a
+    /// writer (cleanup's write waits for it instead). Hold it for no more than a kernel
+    /// call: no callback into the host or the hypervisor while it is held.
+    pub fn active_ref(&self) -> Result<MappedRwLockReadGuard<'_, Active>> {
+        RwLockReadGuard::try_map(self.active.read_recursive(), |a| a.as_deref())
+            .map_err(|_| Error::NotSetUp)
     }
 
     pub fn is_set_up(&self) -> bool {
@@ -234,7 +248,7 @@ impl Incoming {
         if let Some(a) = self.active.read().as_ref() {
             return Some(a.blocks.clone());
         }
-        self.lifecycle.lock().blocks.clone()
+        self.snapshot.read().clone()
     }
 
     /// `postcopy_ram_incoming_init`: snapshot the blocks and discard their contents so
@@ -252,7 +266,7 @@ impl Incoming {
         for b in table.iter() {
             self.host.discard_range(&b.info, 0, b.len())?;
         }
-        life.blocks = Some(Arc::new(table));
+        *self.snapshot.write() = Some(Arc::new(table));
         life.end_owed = true;
         Ok(())
     }
@@ -342,10 +356,17 @@ impl Incoming {
             fault_thread: Mutex::new(None),
         });
         self.shared.add_listener(&active.kick);
-        let handle = crate::fault_thread::spawn(self.clone(), active.clone())
-            .map_err(|e| Error::os("starting the fault thread", e))?;
-        *active.fault_thread.lock() = Some(handle);
+        // Published before the fault thread starts: a page request it sends may be answered
+        // (placed) at once, and placement needs the context set up.
         *self.active.write() = Some(active.clone());
+        let handle = match crate::fault_thread::spawn(self.clone(), active.clone()) {
+            Ok(h) => h,
+            Err(e) => {
+                *self.active.write() = None;
+                return Err(Error::os("starting the fault thread", e));
+            }
+        };
+        *active.fault_thread.lock() = Some(handle);
         let tmp: Vec<usize> = active.tmp_pages.iter().map(|m| m.addr()).collect();
         self.host
             .publish_temp_pages(self.mis, &tmp, active.zero_page.addr());
@@ -379,10 +400,15 @@ impl Incoming {
             *self.active.write() = None;
             self.host.publish_temp_pages(self.mis, &[], 0);
         }
-        let end_rc = if life.end_owed {
-            life.end_owed = false;
-            self.notifiers
-                .notify(NotifyReason::InboundEnd, ErrorSlot(0))
+        let end_rc = if std::mem::take(&mut life.end_owed) {
+            // Without the lifecycle lock: a notifier may call back into the library (an
+            // init or setup then finds the blocks still registered and fails cleanly).
+            drop(life);
+            let rc = self
+                .notifiers
+                .notify(NotifyReason::InboundEnd, ErrorSlot(0));
+            life = self.lifecycle.lock();
+            rc
         } else {
             0
         };
@@ -408,7 +434,8 @@ impl Incoming {
             self.drained.notify_all();
             // Dropping the last Arc closes the userfaultfd and eventfd and unmaps the temp pages.
         }
-        life.blocks = None;
+        *self.snapshot.write() = None;
+        drop(life);
         if end_rc != 0 {
             return Err(Error::NotifierFailed {
                 reason: "INBOUND_END",

@@ -134,4 +134,14 @@ impl Counters {
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Adds `n` to a counter that is only ever written with the request lock held (the
+    /// placement counters): a plain load and store instead of a locked read-modify-write,
+    /// which costs as much as the lock itself. Readers still see whole values.
+    pub fn add_locked(counter: &AtomicU64, n: u64) {
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
 }

@@ -8,7 +8,7 @@ use crate::host::BlockId;
 use crate::sys::eventfd::EventFd;
 use parking_lot::Mutex;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 /// One registrant (the C `struct PostCopyFD`, copied).
@@ -25,6 +25,8 @@ pub trait SharedUfd: Send + Sync {
 #[derive(Default)]
 pub struct SharedUfdRegistry {
     entries: Mutex<Vec<Arc<dyn SharedUfd>>>,
+    /// `entries.len()`, written under its lock, read without it (every placement asks).
+    count: AtomicUsize,
     generation: AtomicU64,
     listeners: Mutex<Vec<Weak<EventFd>>>,
 }
@@ -42,6 +44,7 @@ impl SharedUfdRegistry {
                 return false;
             }
             entries.push(entry);
+            self.count.store(entries.len(), Ordering::Release);
         }
         self.changed();
         true
@@ -53,6 +56,7 @@ impl SharedUfdRegistry {
             let mut entries = self.entries.lock();
             let before = entries.len();
             entries.retain(|e| e.fd() != fd);
+            self.count.store(entries.len(), Ordering::Release);
             entries.len() != before
         };
         if removed {
@@ -62,7 +66,11 @@ impl SharedUfdRegistry {
     }
 
     pub fn clear(&self) {
-        self.entries.lock().clear();
+        {
+            let mut entries = self.entries.lock();
+            entries.clear();
+            self.count.store(0, Ordering::Release);
+        }
         self.changed();
     }
 
@@ -71,7 +79,7 @@ impl SharedUfdRegistry {
     }
 
     pub fn len(&self) -> usize {
-        self.entries.lock().len()
+        self.count.load(Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {

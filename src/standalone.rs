@@ -10,8 +10,13 @@ use crate::sys::mem;
 use parking_lot::{Mutex, RwLock};
 use std::ffi::CString;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// Blocks the per-page paths (the received bitmap) find without taking the table's lock:
+/// blocks are only ever added, so the first ones are also kept in a fixed array filled in
+/// order, with its length published after each fill.
+const FAST_BLOCKS: usize = 64;
 
 /// A page-granular atomic bitmap (the received map of one block).
 #[derive(Debug)]
@@ -25,6 +30,12 @@ impl AtomicBitmap {
         AtomicBitmap {
             words: (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             bits,
+        }
+    }
+    /// Sets one bit; a bit past the end is ignored.
+    pub fn set(&self, bit: u64) {
+        if bit < self.bits {
+            self.words[(bit / 64) as usize].fetch_or(1 << (bit % 64), Ordering::AcqRel);
         }
     }
     pub fn test(&self, bit: u64) -> bool {
@@ -78,6 +89,10 @@ impl StandaloneBlock {
     pub fn id(&self) -> BlockId {
         BlockId(self as *const _ as usize)
     }
+    /// log2 of the page size (a power of two: add_block checks it).
+    fn page_shift(&self) -> u32 {
+        self.page_size.trailing_zeros()
+    }
     fn info(&self) -> RamBlockInfo {
         RamBlockInfo {
             id: self.id(),
@@ -88,6 +103,23 @@ impl StandaloneBlock {
             page_size: self.page_size,
             fd: self.fd,
             fd_offset: self.fd_offset,
+        }
+    }
+}
+
+/// A block found on a per-page path: borrowed from the lock-free array, or (past
+/// FAST_BLOCKS blocks) a reference-counted copy taken under the table's lock.
+enum BlockRef<'a> {
+    Fast(&'a StandaloneBlock),
+    Slow(Arc<StandaloneBlock>),
+}
+
+impl std::ops::Deref for BlockRef<'_> {
+    type Target = StandaloneBlock;
+    fn deref(&self) -> &StandaloneBlock {
+        match self {
+            BlockRef::Fast(b) => b,
+            BlockRef::Slow(b) => b,
         }
     }
 }
@@ -137,6 +169,9 @@ pub struct StandaloneError {
 
 pub struct StandaloneHost {
     blocks: RwLock<Vec<Arc<StandaloneBlock>>>,
+    /// The first FAST_BLOCKS entries of `blocks`, readable without its lock.
+    fast: [OnceLock<Arc<StandaloneBlock>>; FAST_BLOCKS],
+    fast_len: AtomicUsize,
     target_page_size: u64,
     requests: RwLock<RequestSink>,
     discards: RwLock<Option<Box<DiscardFn>>>,
@@ -154,6 +189,8 @@ impl StandaloneHost {
     pub fn new(target_page_size: u64) -> Self {
         StandaloneHost {
             blocks: RwLock::new(Vec::new()),
+            fast: std::array::from_fn(|_| OnceLock::new()),
+            fast_len: AtomicUsize::new(0),
             target_page_size: if target_page_size == 0 {
                 crate::sys::host_page_size()
             } else {
@@ -200,8 +237,12 @@ impl StandaloneHost {
                 "RAM block '{idstr}' at {host:#x} of {len:#x} bytes is not a non-empty whole number of {page_size:#x}-byte pages"
             )));
         }
+        let Some(end) = (host as u64).checked_add(len) else {
+            return Err(Error::InvalidArgument(format!(
+                "RAM block '{idstr}' at {host:#x} of {len:#x} bytes is not a non-empty whole number of {page_size:#x}-byte pages inside the address space"
+            )));
+        };
         let mut blocks = self.blocks.write();
-        let end = host as u64 + len;
         if let Some(b) = blocks.iter().find(|b| {
             b.idstr == idstr || ((host as u64) < b.host as u64 + b.len && (b.host as u64) < end)
         }) {
@@ -223,7 +264,28 @@ impl StandaloneHost {
             received: AtomicBitmap::new(len / page_size),
         });
         blocks.push(block.clone());
+        let i = blocks.len() - 1;
+        if i < FAST_BLOCKS && self.fast[i].set(block.clone()).is_ok() {
+            self.fast_len.store(i + 1, Ordering::Release);
+        }
         Ok(block)
+    }
+
+    /// Block `id`, for the per-page paths (received bitmap, page requests): no lock and no
+    /// reference count while the host has at most FAST_BLOCKS blocks.
+    fn find_block(&self, id: BlockId) -> Option<BlockRef<'_>> {
+        let n = self.fast_len.load(Ordering::Acquire);
+        if let Some(b) = self.fast[..n]
+            .iter()
+            .filter_map(OnceLock::get)
+            .find(|b| b.id() == id)
+        {
+            return Some(BlockRef::Fast(b));
+        }
+        if n < FAST_BLOCKS {
+            return None;
+        }
+        self.block(id).map(BlockRef::Slow)
     }
 
     pub fn block(&self, id: BlockId) -> Option<Arc<StandaloneBlock>> {
@@ -295,10 +357,21 @@ impl StandaloneHost {
     }
 
     /// Marks a page received without placing it (precopy loaded it by plain write).
+    /// Every page the byte range touches is marked; a range past the block's end is refused.
     pub fn mark_received(&self, id: BlockId, offset: u64, len: u64) -> Result<()> {
         let b = self.block(id).ok_or(Error::UnknownBlock(id.0))?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&end| end <= b.len)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "marking {len:#x} bytes at {offset:#x} received runs past the end of RAM block '{}' ({:#x} bytes)",
+                    b.idstr, b.len
+                ))
+            })?;
+        let first = offset / b.page_size;
         b.received
-            .assign_range(offset / b.page_size, len.div_ceil(b.page_size), true);
+            .assign_range(first, end.div_ceil(b.page_size) - first, true);
         Ok(())
     }
 }
@@ -323,17 +396,22 @@ impl Host for StandaloneHost {
     fn recv_test(&self, id: BlockId, offset: u64) -> bool {
         // Ids come from our own table (the incoming snapshot), so the pointer is one of
         // ours; still resolve through the table rather than dereference.
-        self.blocks
-            .read()
-            .iter()
-            .find(|b| b.id() == id)
-            .is_some_and(|b| b.received.test(offset / b.page_size))
+        self.find_block(id)
+            .is_some_and(|b| b.received.test(offset >> b.page_shift()))
     }
 
     fn recv_set_range(&self, id: BlockId, offset: u64, len: u64) {
-        if let Some(b) = self.blocks.read().iter().find(|b| b.id() == id) {
-            b.received
-                .assign_range(offset / b.page_size, len.div_ceil(b.page_size), true);
+        // Called for every page placed: shifts rather than divisions, one atomic OR for
+        // one page.
+        if let Some(b) = self.find_block(id) {
+            let shift = b.page_shift();
+            let first = offset >> shift;
+            if len == b.page_size {
+                b.received.set(first);
+            } else {
+                let pages = (len >> shift) + u64::from(len & (b.page_size - 1) != 0);
+                b.received.assign_range(first, pages, true);
+            }
         }
     }
 
@@ -347,8 +425,16 @@ impl Host for StandaloneHost {
                 b.idstr, b.len
             )));
         }
+        // Checked before the bitmap is touched: a discard madvise refuses would otherwise
+        // leave pages present but marked missing.
+        if start % b.page_size != 0 || len % b.page_size != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "discard of {len:#x} bytes at {start:#x} of RAM block '{}' is not aligned to its {:#x}-byte pages",
+                b.idstr, b.page_size
+            )));
+        }
         b.received
-            .assign_range(start / b.page_size, len.div_ceil(b.page_size), false);
+            .assign_range(start / b.page_size, len / b.page_size, false);
         mem::discard(b.host + start as usize, len, b.fd, b.fd_offset + start).map_err(|e| {
             Error::os(
                 format!("discarding {len:#x} bytes of RAM block '{}'", b.idstr),
@@ -358,7 +444,7 @@ impl Host for StandaloneHost {
     }
 
     fn request_page(&self, req: &PageRequest<'_>) -> std::result::Result<RequestOutcome, i32> {
-        let block = self.block(req.block).ok_or(libc::EFAULT)?;
+        let block = self.find_block(req.block).ok_or(libc::EFAULT)?;
         let record = PostcopyPageRequest {
             offset: req.offset,
             length: req.len,

@@ -25,7 +25,12 @@ DEBIAN_MIRROR=${QEMU_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SOURCE_SUITE=${QEMU_SOURCE_SUITE:-trixie}
 # The adapter and the archive the swapped build links (see swap_in_library).
 ADAPTER_C=${QEMU_ADAPTER_C:-$SCRIPT_DIR/postcopy-ram-adapter.c}
-LIBRARY_A=${QEMU_POSTCOPY_LIB:-$REPO_ROOT/target/release/libpostcopy_ram.a}
+# Unless QEMU_POSTCOPY_LIB names an archive, swapped mode builds the library first
+# (cargo build --release --lib, honouring CARGO_TARGET_DIR).
+CARGO_TARGET=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
+case $CARGO_TARGET in /*) ;; *) CARGO_TARGET=$REPO_ROOT/$CARGO_TARGET ;; esac
+LIBRARY_A=${QEMU_POSTCOPY_LIB:-$CARGO_TARGET/release/libpostcopy_ram.a}
+BUILD_LIBRARY=$([[ -n ${QEMU_POSTCOPY_LIB:-} ]] && echo 0 || echo 1)
 
 DEFAULT_TESTS=(
     /x86_64/migration/postcopy/plain
@@ -61,9 +66,11 @@ Builds Debian ${SOURCE_SUITE}'s QEMU (qemu-system-x86_64 and tests/qtest/migrati
 and runs QEMU's postcopy migration tests, printing a table of results and wall times.
 
 Modes (default: --swapped):
-  --swapped       build with migration/postcopy-ram.c replaced by the library adapter
-                  (build dir: \$WORK/build-swapped). Until the adapter file exists
-                  (${ADAPTER_C#$REPO_ROOT/}) this builds the unmodified source and says so.
+  --swapped       build the library (cargo build --release --lib) and QEMU with
+                  migration/postcopy-ram.c replaced by ${ADAPTER_C#$REPO_ROOT/} and the
+                  library's static archive (build dir: \$WORK/build-swapped); check with nm
+                  that none of QEMU's postcopy-ram code is linked. Without the adapter file
+                  this builds the unmodified source and says so.
   --native        build the unmodified Debian source only (build dir: \$WORK/build-native)
   --both          both builds, results side by side
 
@@ -79,7 +86,8 @@ Options:
   -h, --help      this text
 
 Environment: QEMU_WORK_DIR, QEMU_BUILD_JOBS, QEMU_TEST_TIMEOUT, QEMU_DEBIAN_MIRROR,
-QEMU_SOURCE_SUITE, QEMU_ADAPTER_C (adapter C file), QEMU_POSTCOPY_LIB (static archive),
+QEMU_SOURCE_SUITE, QEMU_ADAPTER_C (adapter C file), QEMU_POSTCOPY_LIB (a prebuilt static
+archive: the library is then not built), CARGO_TARGET_DIR,
 QEMU_SWAP_ALLOW_QEMU_OBJECT=1 (link tests only: accept QEMU's own postcopy-ram code in the
 swapped binary, e.g. when the archive was made from QEMU's postcopy-ram.o).
 
@@ -183,6 +191,14 @@ install_deps() {
         note "all Debian packages already installed"
     fi
 
+    record "deps" "$(elapsed "$t0")"
+}
+
+# The meson venv comes from PyPI: done after the source fetch, so that an unreachable
+# Debian archive is reported as SKIPPED before anything else needs the network.
+install_meson() {
+    local t0
+    t0=$(now)
     if [[ ! -x $PY ]]; then
         note "creating Python venv $VENV"
         run_logged "$LOG_DIR/venv.log" /usr/bin/python3 -m venv "$VENV" \
@@ -200,7 +216,7 @@ EOF
             "$MESON_REQ" || die "pip install $MESON_REQ failed"
     fi
     note "meson $("$VENV/bin/meson" --version)"
-    record "deps" "$(elapsed "$t0")"
+    record "deps" "$(awk -v a="${PHASE_TIME[deps]:-0}" -v b="$(elapsed "$t0")" 'BEGIN { printf "%.1f", a + b }')"
 }
 
 # ---------------------------------------------------------------- phase: source
@@ -261,6 +277,24 @@ EOF
     note "QEMU $QEMU_VERSION ($(basename "$tree"))"
 }
 
+# ---------------------------------------------------------------- phase: the library
+
+# Builds the Rust library's static archive (position independent: a Rust staticlib is
+# PIC on x86_64 Linux, and QEMU links a PIE). Skipped when QEMU_POSTCOPY_LIB names one.
+build_library() {
+    ((BUILD_LIBRARY)) || { note "using QEMU_POSTCOPY_LIB=$LIBRARY_A"; return 0; }
+    log "postcopy-ram library (cargo build --release --lib)"
+    command -v cargo >/dev/null || die "cargo not found (a Rust toolchain is needed for --swapped)"
+    local t0
+    t0=$(now)
+    (cd "$REPO_ROOT" && run_logged "$LOG_DIR/cargo-build.log" \
+        cargo build --release --lib -j "$JOBS") \
+        || die "cargo build of the library failed (log: $LOG_DIR/cargo-build.log)"
+    [[ -f $LIBRARY_A ]] || die "cargo built no $LIBRARY_A"
+    record "swapped:library" "$(elapsed "$t0")"
+    note "library: ${PHASE_TIME[swapped:library]} s -> $LIBRARY_A"
+}
+
 # ---------------------------------------------------------------- swapped-build hook
 
 # swap_in_library TREE
@@ -270,16 +304,22 @@ EOF
 #     postcopy-ram-adapter.c;
 #  2. in TREE/migration/meson.build, replaces the 'postcopy-ram.c' entry of the big
 #     system_ss.add(files(...)) list with 'postcopy-ram-adapter.c', and appends
-#         postcopy_ram_lib = declare_dependency(link_args: ['<abs path to libpostcopy_ram.a>'])
+#         postcopy_ram_lib = declare_dependency(link_args: ['<abs path to libpostcopy_ram.a>'],
+#                                               compile_args: ['-I<repo root>'])
 #         system_ss.add(postcopy_ram_lib)
-#     Adding the dependency to system_ss makes meson put the archive on the final
-#     qemu-system-x86_64 link line after the static libraries holding the adapter
-#     object, inside the same --start-group/--end-group, so the adapter's references
-#     into the archive resolve. The archive has to be position independent (Rust's
-#     staticlib output is, on x86_64 Linux).
-#     (If the adapter needs the library's own header, the same declare_dependency can carry
-#     compile_args: ['-I<repo root>'] and the adapter includes "include/postcopy-ram.h":
-#     a bare "postcopy-ram.h" from migration/ resolves to QEMU's header of the same name.)
+#     system_ss is compiled into libcommon.a, whose objects (the adapter's among them)
+#     each emulator links directly; the dependencies of system_ss travel with them, so
+#     meson puts the archive on the final qemu-system-x86_64 link line after those
+#     objects and inside the same --start-group/--end-group as libqemuutil.a, GLib, libm
+#     and pthread. QEMU's references into the archive, and the archive's references into
+#     QEMU's static libraries, both resolve. The archive has to be position independent
+#     (QEMU links a PIE; Rust's staticlib output is PIC on x86_64 Linux).
+#     A link_args entry is not a ninja input, so build_one removes the binary whenever the
+#     archive is newer than it, forcing the relink.
+#     compile_args lets the adapter include the library's header as
+#     "include/postcopy-ram.h" (a bare "postcopy-ram.h" from migration/ resolves to QEMU's
+#     header of the same name); it reaches every libcommon source, which is harmless
+#     because no QEMU file includes a path that exists below the repository root.
 #  3. leaves everything else byte-identical to the Debian tree, so the build differs
 #     from the native one only in that one object and the archive.
 # The file edits are idempotent: meson.build is regenerated from the pristine copy each
@@ -300,7 +340,9 @@ swap_in_library() {
     {
         sed "s|^  'postcopy-ram.c',\$|  'postcopy-ram-adapter.c',|" "$SRC_NATIVE/migration/meson.build"
         printf '\n# postcopy-ram: the Rust library replaces postcopy-ram.c (added by qemu-postcopy-check.sh)\n'
-        printf "postcopy_ram_lib = declare_dependency(link_args: ['%s'])\n" "$LIBRARY_A"
+        # compile_args: the adapter includes the library's header as "include/postcopy-ram.h".
+        printf "postcopy_ram_lib = declare_dependency(link_args: ['%s'],\n" "$LIBRARY_A"
+        printf "                                      compile_args: ['-I%s'])\n" "$REPO_ROOT"
         printf 'system_ss.add(postcopy_ram_lib)\n'
     } >"$tmp"
     replace_if_changed "$tmp" "$mb"
@@ -316,7 +358,8 @@ replace_if_changed() {   # replace_if_changed NEW DEST: copy only when the conte
     fi
 }
 
-# Prints the source tree to build for MODE, preparing it when needed.
+# Sets TREE_FOR[MODE] (the source tree to build) and SWAP_APPLIED[MODE], preparing the
+# private swapped copy when needed.
 prepare_tree() {
     local mode=$1
     case $mode in
@@ -393,6 +436,11 @@ build_one() {
         note "configure: ${PHASE_TIME[$mode:configure]} s"
     fi
 
+    if [[ ${SWAP_APPLIED[$mode]} == yes && -f $bdir/qemu-system-x86_64 \
+          && $LIBRARY_A -nt $bdir/qemu-system-x86_64 ]]; then
+        note "library archive is newer than the binary: relinking"
+        rm -f "$bdir/qemu-system-x86_64"
+    fi
     t0=$(now)
     run_logged "$LOG_DIR/$mode-build.log" \
         ninja -C "$bdir" -j "$JOBS" qemu-system-x86_64 tests/qtest/migration-test \
@@ -422,25 +470,86 @@ QEMU_POSTCOPY_STATICS=(
     ram_block_enable_notify ufd_check_and_apply postcopy_preempt_send_channel_new
 )
 
-# In a swapped build QEMU's own postcopy-ram.c must not have been compiled or linked.
+# The global functions QEMU 10.0's migration/postcopy-ram.c defines (nm -g --defined-only
+# on the native build's libcommon.a.p/migration_postcopy-ram.c.o). check_swap reads them
+# from that object when a native build exists and uses this list otherwise.
+QEMU_POSTCOPY_GLOBALS=(
+    fill_destination_postcopy_migration_info postcopy_add_notifier
+    postcopy_discard_send_finish postcopy_discard_send_init postcopy_discard_send_range
+    postcopy_fault_thread_notify postcopy_infrastructure_init postcopy_is_paused
+    postcopy_notify postcopy_notify_shared_wake postcopy_place_page postcopy_place_page_zero
+    postcopy_preempt_establish_channel postcopy_preempt_new_channel postcopy_preempt_setup
+    postcopy_preempt_thread postcopy_ram_incoming_cleanup postcopy_ram_incoming_init
+    postcopy_ram_incoming_setup postcopy_ram_prepare_discard postcopy_ram_supported_by_host
+    postcopy_register_shared_ufd postcopy_remove_notifier postcopy_request_shared_page
+    postcopy_state_get postcopy_state_set postcopy_temp_page_reset postcopy_thread_create
+    postcopy_unregister_shared_ufd postcopy_wake_shared
+)
+
+# In a swapped build QEMU's own postcopy-ram.c must not have been compiled or linked:
+# every global function QEMU's postcopy-ram.o defines must come from the library archive
+# or (the two migration.h ones) from the adapter, or be absent; none of its static
+# functions may be present. The per-symbol evidence goes to $LOG_DIR/swapped-nm.txt.
 check_swap() {
-    local mode=$1 bdir=$2 found
+    local mode=$1 bdir=$2 found bin=$2/qemu-system-x86_64
     [[ $mode == swapped && ${SWAP_APPLIED[swapped]} == yes ]] || return 0
     if find "$bdir" -name 'postcopy-ram.c.o' -print -quit | grep -q .; then
         die "[swapped] QEMU's postcopy-ram.c was still compiled"
     fi
-    found=$(nm -a "$bdir/qemu-system-x86_64" | awk '{ print $NF }' \
+    local native_o=$WORK_DIR/build-native/libcommon.a.p/migration_postcopy-ram.c.o globals=()
+    if [[ -f $native_o ]]; then
+        mapfile -t globals < <(nm -g --defined-only "$native_o" | awk 'NF == 3 { print $3 }' | sort -u)
+    else
+        globals=("${QEMU_POSTCOPY_GLOBALS[@]}")
+    fi
+    local adapter_o evidence=$LOG_DIR/swapped-nm.txt
+    adapter_o=$(find "$bdir" -name '*postcopy-ram-adapter.c.o' -print -quit)
+    [[ -n $adapter_o ]] || die "[swapped] the adapter object was not built"
+    declare -A in_bin=() in_lib=() in_adapter=()
+    local sym
+    while read -r sym; do in_bin[$sym]=1; done < <(nm --defined-only "$bin" | awk '$2 ~ /^[TtWw]$/ { print $3 }')
+    while read -r sym; do in_lib[$sym]=1; done < <(nm -g --defined-only "$LIBRARY_A" 2>/dev/null | awk 'NF == 3 && $2 ~ /^[TW]$/ { print $3 }')
+    while read -r sym; do in_adapter[$sym]=1; done < <(nm -g --defined-only "$adapter_o" | awk 'NF == 3 { print $3 }')
+    local n_lib=0 n_adapter=0 n_absent=0 bad=() absent=() from_adapter=() line
+    {
+        printf '# %s: where each global function of QEMU %s postcopy-ram.o comes from
+' "$bin" "$QEMU_VERSION"
+        printf '# (nm %s | nm -g --defined-only %s | nm %s)
+' "$(basename "$bin")" "$LIBRARY_A" "$(basename "$adapter_o")"
+    } >"$evidence"
+    for sym in "${globals[@]}"; do
+        if [[ -v in_lib[$sym] ]]; then
+            line="library archive"; n_lib=$((n_lib + 1))
+            [[ -v in_bin[$sym] ]] || bad+=("$sym(library symbol not linked)")
+        elif [[ -v in_adapter[$sym] ]]; then
+            line="adapter"; n_adapter=$((n_adapter + 1)); from_adapter+=("$sym")
+            [[ -v in_bin[$sym] ]] || bad+=("$sym(adapter symbol not linked)")
+        elif [[ -v in_bin[$sym] ]]; then
+            line="QEMU'S OWN CODE"; bad+=("$sym")
+        else
+            line="absent (nothing in QEMU 10.0 outside postcopy-ram.c uses it)"
+            n_absent=$((n_absent + 1)); absent+=("$sym")
+        fi
+        printf '%-45s %s %s\n' "$sym" "$(nm "$bin" | awk -v s="$sym" '$3 == s { print $1, $2; exit }')" "$line" >>"$evidence"
+    done
+    found=$(nm -a "$bin" | awk '{ print $NF }' \
         | grep -Fx "${QEMU_POSTCOPY_STATICS[@]/#/-e}" | sort -u | tr '\n' ' ' || true)
+    printf 'static functions of QEMU postcopy-ram.c present: %s\n' "${found:-none}" >>"$evidence"
+    note "nm: ${#globals[@]} global functions of QEMU's postcopy-ram.o: $n_lib from libpostcopy_ram.a," \
+        "$n_adapter from the adapter (${from_adapter[*]:-}), $n_absent absent (${absent[*]:-})"
+    note "nm: per-symbol evidence in $evidence"
     if [[ -n $found ]]; then
         # Only a link test that packs QEMU's own object into the archive may set this.
         if [[ ${QEMU_SWAP_ALLOW_QEMU_OBJECT:-0} == 1 ]]; then
             note "swapped build: QEMU's postcopy-ram code present ($found), allowed by QEMU_SWAP_ALLOW_QEMU_OBJECT=1"
-        else
-            die "[swapped] qemu-system-x86_64 still contains QEMU's postcopy-ram code: $found"
+            return 0
         fi
-    else
-        note "swapped build: no postcopy-ram.c.o, nm shows none of QEMU's postcopy-ram functions"
+        die "[swapped] qemu-system-x86_64 still contains QEMU's postcopy-ram code: $found"
     fi
+    ((${#bad[@]} == 0)) || die "[swapped] symbols not provided by the library or adapter: ${bad[*]}"
+    [[ -v in_bin[postcopy_host_register] ]] \
+        || die "[swapped] the binary lacks the library's postcopy_host_register"
+    note "swapped build: no postcopy-ram.c.o, and nm shows none of QEMU's postcopy-ram code"
 }
 
 # ---------------------------------------------------------------- phase: tests
@@ -497,7 +606,7 @@ print_report() {
         for m in "${MODES[@]}"; do printf ' | %-20s' "${PHASE_TIME[$phase]:--}"; done
         printf '\n'
     done
-    for phase in configure build; do
+    for phase in library configure build; do
         printf '%-45s' "$phase (s)"
         for m in "${MODES[@]}"; do printf ' | %-20s' "${PHASE_TIME[$m:$phase]:--}"; done
         printf '\n'
@@ -523,14 +632,17 @@ main() {
 
     if [[ $SKIP_DEPS -eq 0 ]]; then
         install_deps
+        fetch_source
+        install_meson
     else
         [[ -x $PY ]] || die "--skip-deps given but $PY does not exist"
+        fetch_source
     fi
-    fetch_source
 
     declare -gA TREE_FOR=() SWAP_APPLIED=()
     local m
     for m in "${MODES[@]}"; do
+        [[ $m == swapped && -f $ADAPTER_C ]] && build_library
         prepare_tree "$m"
         build_one "$m"
     done

@@ -15,8 +15,11 @@ const _: () = assert!(POSTCOPY_LATENCY_BUCKETS == LATENCY_BUCKETS);
 /// blocktime is off, `ptid` is 0, or the page is already received. The library's own fault
 /// thread does the same internally, so a hypervisor using it need not call this.
 ///
+/// A `ptid` of 0 returns before any check. Otherwise the arguments are checked whether or
+/// not blocktime is on.
+///
 /// Thread: any (QEMU: the fault thread). Errors (logged): NULL `rb`, no set-up context,
-/// `addr` outside `rb`.
+/// `rb` not one of the set-up context's blocks, `addr` outside `rb`.
 #[no_mangle]
 pub extern "C" fn mark_postcopy_blocktime_begin(addr: usize, ptid: u32, rb: *mut RamBlockRef) {
     guard("mark_postcopy_blocktime_begin", (), || {

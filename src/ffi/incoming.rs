@@ -19,7 +19,9 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 /// munlockall() as QEMU does.
 ///
 /// Thread: main thread. Errors: false, with `*errp` set to the cause (by the failing
-/// notifier for PROBE); NULL `mis` and no registered host are errors too. Nothing leaks.
+/// notifier for PROBE); NULL `mis` is an error too. With no host registered there is no
+/// way to set `*errp` (errors are a host service): false, the cause is logged and `*errp`
+/// is left untouched; so is a NULL `errp`. Nothing leaks.
 #[no_mangle]
 pub extern "C" fn postcopy_ram_supported_by_host(
     mis: *mut MigrationIncomingStateRef,
@@ -66,8 +68,11 @@ fn run(
 /// Snapshots the host's RAM blocks (range, page size, length now) and discards their
 /// contents so every page is missing. Call before any precopy RAM is loaded.
 ///
-/// Thread: main thread. Returns 0, or a negative errno with the cause logged: NULL `mis`,
-/// no host, invalid blocks (overlapping, misaligned), a failed discard, already set up.
+/// Calling it again before setup takes a new snapshot and discards again.
+///
+/// Thread: main thread. Returns 0, or a negative errno with the cause logged: NULL `mis`
+/// (-EINVAL), no host (-ENODEV), invalid blocks (overlapping, misaligned: -EINVAL), a failed
+/// discard (its errno), already set up (-EBUSY).
 #[no_mangle]
 pub extern "C" fn postcopy_ram_incoming_init(mis: *mut MigrationIncomingStateRef) -> c_int {
     run("postcopy_ram_incoming_init", mis, |inc| inc.init())
@@ -76,8 +81,10 @@ pub extern "C" fn postcopy_ram_incoming_init(mis: *mut MigrationIncomingStateRef
 /// MADV_NOHUGEPAGE on every block (a transparent huge page would be half discarded), then
 /// state DISCARD.
 ///
-/// Thread: main thread. Returns 0, or a negative errno with the cause logged (NULL `mis`,
-/// no host, madvise failure).
+/// Needs no init (it reads the host's blocks when init has not run).
+///
+/// Thread: main thread. Returns 0, or a negative errno with the cause logged (NULL `mis`:
+/// -EINVAL, no host: -ENODEV, madvise failure: its errno).
 #[no_mangle]
 pub extern "C" fn postcopy_ram_prepare_discard(mis: *mut MigrationIncomingStateRef) -> c_int {
     run("postcopy_ram_prepare_discard", mis, |inc| {
@@ -91,9 +98,13 @@ pub extern "C" fn postcopy_ram_prepare_discard(mis: *mut MigrationIncomingStateR
 /// preempt) and the zero page, starts blocktime when the host enables it, and starts the
 /// fault thread (and the preempt thread with preempt).
 ///
-/// Thread: main thread. Returns 0, or a negative errno with the cause logged: NULL `mis`, no
-/// host, userfaultfd unavailable, a registration refused, already set up (-EBUSY). A failed
-/// setup leaves nothing behind; cleanup after it is still safe.
+/// Without init it snapshots the host's blocks itself (and discards nothing).
+///
+/// Thread: main thread. Returns 0, or a negative errno with the cause logged: NULL `mis`
+/// (-EINVAL), no host (-ENODEV), userfaultfd unavailable, a registration refused (the
+/// ioctl's errno: -EBUSY when another userfaultfd, e.g. another `mis`, covers the range),
+/// already set up (-EBUSY). A failed setup leaves nothing behind (no fd, thread or mapping);
+/// cleanup after it is still safe.
 #[no_mangle]
 pub extern "C" fn postcopy_ram_incoming_setup(mis: *mut MigrationIncomingStateRef) -> c_int {
     run("postcopy_ram_incoming_setup", mis, |inc| inc.setup())
@@ -105,9 +116,10 @@ pub extern "C" fn postcopy_ram_incoming_setup(mis: *mut MigrationIncomingStateRe
 /// temp pages. Blocktime figures stay readable until the next setup.
 ///
 /// Thread: the thread that ends postcopy (QEMU: the listen thread, or the main thread).
-/// Returns 0, or a negative errno with the cause logged (an INBOUND_END notifier failed, an
-/// unregistration failed); teardown completes either way. Safe to call twice, after a
-/// failed setup, or without setup (then only INBOUND_END is owed, after init).
+/// Returns 0, or a negative errno with the cause logged (NULL `mis`: -EINVAL, an INBOUND_END
+/// notifier failed, an unregistration failed); teardown completes either way. Safe to call
+/// twice, after a failed setup, without setup (then only INBOUND_END is owed, after init),
+/// or for a `mis` never seen (0, nothing done); it needs no registered host.
 #[no_mangle]
 pub extern "C" fn postcopy_ram_incoming_cleanup(mis: *mut MigrationIncomingStateRef) -> c_int {
     guard("postcopy_ram_incoming_cleanup", -libc::EFAULT, || {
@@ -127,7 +139,7 @@ pub extern "C" fn postcopy_ram_incoming_cleanup(mis: *mut MigrationIncomingState
 /// Kicks the fault thread: it re-checks whether to quit and whether the return path is up
 /// (call it after the host's return_path_ok answer changes).
 ///
-/// Thread: any. Errors (logged): NULL `mis`, not set up.
+/// Thread: any. Errors (logged): NULL `mis`, not set up (also after cleanup).
 #[no_mangle]
 pub extern "C" fn postcopy_fault_thread_notify(mis: *mut MigrationIncomingStateRef) {
     guard("postcopy_fault_thread_notify", (), || {
@@ -163,8 +175,11 @@ extern "C" fn thread_trampoline(p: *mut c_void) -> *mut c_void {
 /// signals mis->thread_sync_event itself). Without it: a pthread (detached unless
 /// `joinable`) whose `pthread_t` is written to `thread->thread`.
 ///
-/// Thread: main thread. Errors (logged; `*thread` untouched): NULL `mis`, `thread` or
-/// `fn`, pthread_create failure.
+/// `name` may be NULL (the thread keeps its default name); a longer name is cut to the
+/// 15 bytes Linux keeps. Needs no registered host.
+///
+/// Thread: main thread. Errors (logged; `*thread` untouched, nothing started): NULL `mis`,
+/// `thread` or `fn`, pthread_create failure.
 #[no_mangle]
 pub extern "C" fn postcopy_thread_create(
     mis: *mut MigrationIncomingStateRef,
@@ -300,7 +315,8 @@ impl PostcopyIncomingStats {
 /// Fills `*out` with the counters of `mis`'s incoming context (not part of QEMU's header).
 /// Counters are reset by setup and stay readable after cleanup.
 ///
-/// Thread: any. Returns 0; -EINVAL for NULL arguments; -ENOENT when `mis` has no context.
+/// Thread: any. Returns 0; -EINVAL for NULL arguments; -ENOENT when `mis` has no context
+/// (none of init, prepare_discard, setup or preempt_new_channel ran for it). Not logged.
 #[no_mangle]
 pub extern "C" fn postcopy_incoming_get_stats(
     mis: *mut MigrationIncomingStateRef,
@@ -334,7 +350,8 @@ pub extern "C" fn postcopy_incoming_get_stats(
 /// page before placing it (QEMU's postcopy_tmp_pages[] / postcopy_tmp_zero_page). Not part
 /// of QEMU's header.
 ///
-/// Thread: any. Returns NULL (logged) when not set up or for an unknown channel.
+/// Thread: any. Returns NULL (logged) when `mis` is NULL or not set up, or for a channel
+/// without a temp page (RAM_CHANNEL_POSTCOPY without preempt, RAM_CHANNEL_MAX and above).
 #[no_mangle]
 pub extern "C" fn postcopy_incoming_temp_page(
     mis: *mut MigrationIncomingStateRef,
@@ -356,7 +373,8 @@ pub extern "C" fn postcopy_incoming_temp_page(
     )
 }
 
-/// The zero page (see postcopy_incoming_temp_page). NULL (logged) when not set up.
+/// The zero page (see postcopy_incoming_temp_page). NULL (logged) when `mis` is NULL or not
+/// set up.
 #[no_mangle]
 pub extern "C" fn postcopy_incoming_zero_page(mis: *mut MigrationIncomingStateRef) -> *mut c_void {
     guard(

@@ -21,7 +21,11 @@ fn source(ms: usize) -> Arc<PreemptSrc> {
 /// urgent pages from it (through the host's preempt_load); after a failure, a new channel
 /// handed over here resumes it.
 ///
-/// Thread: main thread. Errors (logged): NULL arguments, `mis` has no incoming context.
+/// The incoming context of `mis` is created if it has none yet; a channel handed over
+/// before setup is loaded once setup starts the preempt thread (with the capability on).
+///
+/// Thread: main thread. Errors (logged; nothing recorded): NULL arguments, no host
+/// registered.
 #[no_mangle]
 pub extern "C" fn postcopy_preempt_new_channel(
     mis: *mut MigrationIncomingStateRef,
@@ -49,7 +53,8 @@ pub extern "C" fn postcopy_preempt_new_channel(
 /// which may finish later and report with postcopy_preempt_channel_result).
 ///
 /// Thread: migration thread or main thread. Errors (logged): NULL `s`, no host; a failed
-/// connect is recorded and returned by postcopy_preempt_establish_channel.
+/// connect (a host without a connect hook fails with ENOTSUP) is recorded, not logged here,
+/// and returned by postcopy_preempt_establish_channel.
 #[no_mangle]
 pub extern "C" fn postcopy_preempt_setup(s: *mut MigrationStateRef) {
     guard("postcopy_preempt_setup", (), || {
@@ -66,7 +71,12 @@ pub extern "C" fn postcopy_preempt_setup(s: *mut MigrationStateRef) {
 /// Source: returns 0 at once when preempt is off; otherwise starts the connect if nobody
 /// has and waits until the channel exists (0) or failed (-1, reason logged).
 ///
-/// Thread: migration thread (it blocks). Errors: -1 for NULL `s` or no host, logged.
+/// A connect that reported "pending" blocks this call until the host calls
+/// postcopy_preempt_channel_result for `s`. The outcome is consumed: the next call (a
+/// resume) starts a new connect.
+///
+/// Thread: migration thread (it blocks). Errors: -1 for NULL `s`, no host, or a failed
+/// connect, each logged.
 #[no_mangle]
 pub extern "C" fn postcopy_preempt_establish_channel(s: *mut MigrationStateRef) -> c_int {
     guard("postcopy_preempt_establish_channel", -1, || {
@@ -90,10 +100,12 @@ pub extern "C" fn postcopy_preempt_establish_channel(s: *mut MigrationStateRef) 
 }
 
 /// Source: the host's asynchronous result of connecting the preempt channel of `s`: 0 for
-/// connected, a negative errno for failed (not part of QEMU's header). Wakes
+/// connected, a negative errno for failed (not part of QEMU's header; any non-zero value is
+/// a failure, logged, a positive one read as an errno). Wakes
 /// postcopy_preempt_establish_channel. Calling postcopy_preempt_setup again starts over.
 ///
-/// Thread: any (QEMU: the main loop's connect callback).
+/// Thread: any (QEMU: the main loop's connect callback). Needs no host. Errors (logged):
+/// NULL `s`.
 #[no_mangle]
 pub extern "C" fn postcopy_preempt_channel_result(s: *mut MigrationStateRef, rc: c_int) {
     guard("postcopy_preempt_channel_result", (), || {
@@ -116,7 +128,8 @@ pub extern "C" fn postcopy_preempt_channel_result(s: *mut MigrationStateRef, rc:
 /// Destination: how many preempt channels `mis` has been handed (not part of QEMU's
 /// header); more than one means it reconnected after a failure.
 ///
-/// Thread: any. Returns the count, or -ENOENT when `mis` has no context.
+/// Thread: any. Returns the count, or -ENOENT when `mis` is NULL or has no context. Not
+/// logged.
 #[no_mangle]
 pub extern "C" fn postcopy_preempt_channels_seen(mis: *mut MigrationIncomingStateRef) -> i64 {
     guard(

@@ -62,6 +62,9 @@ impl SharedUfd for CSharedUfd {
 /// fault thread polls `pcfd->fd` from now on (also when it is already running) and hands
 /// each message to `pcfd->handler`; placements call `pcfd->waker`.
 ///
+/// A NULL `handler` drops the fd's messages; a NULL `waker` is skipped. An fd that is not
+/// open, or fails, is logged by the fault thread and no longer polled.
+///
 /// Thread: main thread. Errors (logged; nothing registered): NULL `pcfd`, a negative fd, an
 /// fd already registered.
 #[no_mangle]
@@ -143,8 +146,9 @@ pub extern "C" fn postcopy_notify_shared_wake(rb: *mut RamBlockRef, offset: u64)
 /// Wakes the shared client's threads waiting on the page of `rb` at `client_addr` (in the
 /// client's address space): UFFDIO_WAKE of one page at the page-aligned address.
 ///
-/// Thread: any. Returns 0, or a negative errno (logged): NULL arguments, `rb` unknown, the
-/// ioctl's errno.
+/// Thread: any. Returns 0, or a negative errno (logged): NULL arguments (-EINVAL), no
+/// set-up context and no host (-ENODEV), `rb` unknown (-EFAULT), the ioctl's errno (-EBADF
+/// for an fd that is not open, -ENOTTY/-EINVAL for one that is not a userfaultfd).
 #[no_mangle]
 pub extern "C" fn postcopy_wake_shared(
     pcfd: *mut PostCopyFdRef,
@@ -175,7 +179,9 @@ pub extern "C" fn postcopy_wake_shared(
 /// placement clears it) and the client is woken by its waker when it arrives.
 ///
 /// Thread: the fault thread (inside a handler) or any. Returns 0, or a negative errno
-/// (logged): NULL arguments, not set up, `rb` unknown, `offset` past the block.
+/// (logged): NULL arguments (-EINVAL), not set up (-ENODEV), `rb` not one of the set-up
+/// context's blocks (-EFAULT), `offset` past the block (-EINVAL), or the wake's errno for a
+/// page already received.
 #[no_mangle]
 pub extern "C" fn postcopy_request_shared_page(
     pcfd: *mut PostCopyFdRef,

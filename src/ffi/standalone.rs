@@ -120,9 +120,11 @@ pub extern "C" fn postcopy_standalone_host_install(host: *mut PostcopyStandalone
 /// backed by `fd` at `fd_offset` (fd -1: anonymous). Returns the block's `RAMBlock *`, valid
 /// while the host lives.
 ///
-/// Thread: main thread, before postcopy_ram_incoming_init. Returns NULL (logged) for NULL
-/// arguments, a name of 0 or more than 255 bytes or already used, a misaligned or
-/// overlapping range, a page size that is not a power of two.
+/// Thread: main thread, before postcopy_ram_incoming_init. A block added later is accepted
+/// but covered only from the next init or setup (placing into it fails with -EFAULT until
+/// then). Returns NULL (logged) for NULL arguments (`addr` included), a name of 0 or more
+/// than 255 bytes or already used, a misaligned, empty, partial-page, overlapping or
+/// address-space-wrapping range, a page size that is not a power of two.
 #[no_mangle]
 pub extern "C" fn postcopy_standalone_add_ram_block(
     host: *mut PostcopyStandaloneHost,
@@ -371,7 +373,8 @@ pub extern "C" fn postcopy_standalone_set_preempt_callbacks(
     )
 }
 
-/// Adds a vCPU (index and kernel thread id) for blocktime. Read at setup.
+/// Adds a vCPU (index and kernel thread id) for blocktime. Read at setup; blocktime ignores
+/// a vCPU whose index is 2^20 or more.
 ///
 /// Thread: main thread. Returns 0, or -EINVAL for a NULL host.
 #[no_mangle]
@@ -414,7 +417,8 @@ pub extern "C" fn postcopy_standalone_set_capabilities(
 /// Reports the return path to the source up (`ok`) or down, and kicks the fault thread of
 /// `mis` (may be NULL) so it pauses, or resumes and sends every outstanding request again.
 ///
-/// Thread: any. Returns 0, or -EINVAL for a NULL host.
+/// Thread: any. Returns 0, or -EINVAL for a NULL host. A `mis` without a set-up context is
+/// ignored.
 #[no_mangle]
 pub extern "C" fn postcopy_standalone_set_return_path(
     host: *mut PostcopyStandaloneHost,
@@ -433,8 +437,8 @@ pub extern "C" fn postcopy_standalone_set_return_path(
     })
 }
 
-/// Is the page at byte `offset` of `rb` received? Returns 1 or 0; -EINVAL for NULL host,
-/// -EFAULT for an unknown block.
+/// Is the page at byte `offset` of `rb` received? Returns 1 or 0 (0 for an offset past the
+/// block's end); -EINVAL for NULL host, -EFAULT for an unknown (or NULL) block. Not logged.
 ///
 /// Thread: any.
 #[no_mangle]
@@ -456,9 +460,10 @@ pub extern "C" fn postcopy_standalone_page_received(
 }
 
 /// Marks `[offset, offset + length)` bytes of `rb` received without placing them (precopy
-/// wrote them directly).
+/// wrote them directly): every page the range touches. A length of 0 marks nothing.
 ///
-/// Thread: the loading thread. Returns 0, -EINVAL for NULL host, -EFAULT for an unknown block.
+/// Thread: the loading thread. Returns 0, or (logged, nothing marked) -EINVAL for NULL host
+/// or a range past the block's end, -EFAULT for an unknown block.
 #[no_mangle]
 pub extern "C" fn postcopy_standalone_mark_received(
     host: *mut PostcopyStandaloneHost,
@@ -479,7 +484,10 @@ pub extern "C" fn postcopy_standalone_mark_received(
 /// Discards `[start, start + length)` bytes of `rb` on the destination (an incoming discard
 /// command): clears the received bits and drops the memory.
 ///
-/// Thread: main thread. Returns 0, or a negative errno (logged).
+/// Thread: main thread. Returns 0, or a negative errno (logged; the received bits are left
+/// alone): -EINVAL for NULL host, a range past the block's end, or a start or length that
+/// is not a multiple of the block's page size; -EFAULT for an unknown block; the errno of
+/// the madvise/fallocate that drops the memory.
 #[no_mangle]
 pub extern "C" fn postcopy_standalone_discard_range(
     host: *mut PostcopyStandaloneHost,

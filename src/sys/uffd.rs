@@ -44,6 +44,17 @@ pub enum Placed {
     AlreadyPresent,
 }
 
+/// How a run placement ([`Userfaultfd::copy_pages`]) ended.
+#[derive(Debug, Default)]
+pub struct RunOutcome {
+    /// Bytes from the start of the run now in place (filled or already present).
+    pub done: u64,
+    /// Pages among them that were already present (EEXIST), woken explicitly.
+    pub present: u64,
+    /// Why the run stopped before its end.
+    pub error: Option<io::Error>,
+}
+
 /// A userfaultfd owned by the library; closing it drops every registration it holds.
 #[derive(Debug)]
 pub struct Userfaultfd {
@@ -234,6 +245,64 @@ impl Userfaultfd {
                 _ => return Err(err),
             }
         }
+    }
+
+    /// UFFDIO_COPY of a run of whole pages of `page_size` bytes from `src` to `dst`: one
+    /// ioctl for the run while nothing is in the way. A page already present (EEXIST) is
+    /// woken and skipped, page by page, and the copy resumes after it; EAGAIN resumes from
+    /// where the kernel stopped. The kernel wakes the pages it filled.
+    ///
+    /// Returns how far the run got; `error` is set when it stopped early, every byte
+    /// before `done` being in place (filled or already present) either way.
+    ///
+    /// The caller guarantees `src..src+len` is readable memory and `dst` lies in a range
+    /// registered on this userfaultfd; `len` is a multiple of `page_size`.
+    pub fn copy_pages(&self, dst: usize, src: usize, len: u64, page_size: u64) -> RunOutcome {
+        let mut out = RunOutcome::default();
+        let mut retries = 0u32;
+        while out.done < len {
+            let done = out.done;
+            let mut arg = raw::uffdio_copy {
+                dst: dst as u64 + done,
+                src: src as u64 + done,
+                len: len - done,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: the kernel reads `len - done` bytes at src+done (readable by the
+            // caller's guarantee) and writes only into the registered destination range.
+            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), raw::UFFDIO_COPY as _, &mut arg) };
+            if rc == 0 {
+                out.done = len;
+                break;
+            }
+            let err = io::Error::last_os_error();
+            if arg.copy > 0 {
+                // A partial copy (the kernel reports it as EAGAIN): go on after it.
+                out.done += (arg.copy as u64).min(len - done);
+                continue;
+            }
+            match err.raw_os_error() {
+                Some(libc::EEXIST) => {
+                    // The page at `done` is there already: wake its waiters, skip it.
+                    if let Err(e) = self.wake(dst + done as usize, page_size) {
+                        out.error = Some(e);
+                        break;
+                    }
+                    out.present += 1;
+                    out.done += page_size;
+                }
+                Some(libc::EAGAIN) if retries < EAGAIN_RETRIES => {
+                    retries += 1;
+                    std::hint::spin_loop();
+                }
+                _ => {
+                    out.error = Some(err);
+                    break;
+                }
+            }
+        }
+        out
     }
 
     /// UFFDIO_WAKE over `[start, start + len)` on this userfaultfd.
