@@ -371,7 +371,7 @@ static void test_thread_create(void)
     int flag = 0;
     QemuThread t;
     void *ret = NULL;
-    postcopy_thread_create((MigrationIncomingState *)&flag, &t, "test/thread", thread_body, 1);
+    postcopy_thread_create((MigrationIncomingState *)&flag, &t, "test/thread", thread_body, 0 /* QEMU_THREAD_JOINABLE */);
     CHECK_EQ(pthread_join(t.thread, &ret), 0);
     CHECK(ret == &flag, "thread got mis as its argument");
     CHECK_EQ(flag, 42);

@@ -343,7 +343,7 @@ static void phase_no_host(void)
     /* postcopy_thread_create needs no host: a pthread. */
     atomic_store(&thread_ran, 0);
     CELL("postcopy_thread_create", "no host, NULL name, joinable",
-         (postcopy_thread_create(MIS, &qt, NULL, thread_fn, 1), pthread_join(qt.thread, NULL)), 0, NOLOG);
+         (postcopy_thread_create(MIS, &qt, NULL, thread_fn, 0), pthread_join(qt.thread, NULL)), 0, NOLOG);
     CHECK_EQ(atomic_load(&thread_ran), 1);
 }
 
@@ -547,7 +547,7 @@ static void phase_before_init(void)
     CHECK(qt.thread == 0, "*thread untouched on error");
     atomic_store(&thread_ran, 0);
     VCELL("postcopy_thread_create", "detached, name longer than 15 bytes",
-          postcopy_thread_create(MIS, &qt, "a-thread-name-of-many-bytes", thread_fn, 0), NOLOG);
+          postcopy_thread_create(MIS, &qt, "a-thread-name-of-many-bytes", thread_fn, 1), NOLOG);
     for (int i = 0; i < 10000 && atomic_load(&thread_ran) == 0; i++)
         usleep(100);
     CHECK_EQ(atomic_load(&thread_ran), 1);

@@ -573,8 +573,10 @@ void postcopy_fault_thread_notify(MigrationIncomingState *mis);
 
 // Creates a thread running `fn(mis)` named `name`, and returns once it has started.
 // With the host's thread_create hook the host does it its own way (QEMU: the thread
-// signals mis->thread_sync_event itself). Without it: a pthread (detached unless
-// `joinable`) whose `pthread_t` is written to `thread->thread`.
+// signals mis->thread_sync_event itself). Without it: a pthread whose `pthread_t` is
+// written to `thread->thread`. Despite its name, `joinable` carries QEMU's thread mode,
+// as QEMU's callers pass it: QEMU_THREAD_JOINABLE (0) keeps the thread joinable,
+// QEMU_THREAD_DETACHED (1) detaches it.
 //
 // `name` may be NULL (the thread keeps its default name); a longer name is cut to the
 // 15 bytes Linux keeps. Needs no registered host.
