@@ -193,14 +193,7 @@ static void run_migration(PostcopyStandaloneHost *host, MigrationIncomingState *
     CHECK_EQ(bt.faults, distinct);
     CHECK_EQ(postcopy_place_page(mis, bases[0], buf, rbs[0]), -ENODEV); /* after cleanup */
 
-    shutdown(req[0], SHUT_RDWR);
-    shutdown(data[1], SHUT_RDWR);
-    pthread_join(src.thread, NULL);
-    pthread_join(rcv.thread, NULL);
-    close(req[0]);
-    close(req[1]);
-    close(data[0]);
-    close(data[1]);
+    stop_source_and_receiver(req, data, &src, &rcv);
     for (int i = 0; i < NVCPU; i++)
         for (int b = 0; b < 2; b++)
             free(v[i].touched[b]);

@@ -139,6 +139,20 @@ static inline void *receiver_main(void *arg)
     return NULL;
 }
 
+/* Ends a source/receiver pair: shutting the request and data sockets ends both loops;
+ * then both threads are joined and all four socket ends closed. */
+static inline void stop_source_and_receiver(int req[2], int data[2], struct source *src, struct receiver *rcv)
+{
+    shutdown(req[0], SHUT_RDWR);
+    shutdown(data[1], SHUT_RDWR);
+    pthread_join(src->thread, NULL);
+    pthread_join(rcv->thread, NULL);
+    close(req[0]);
+    close(req[1]);
+    close(data[0]);
+    close(data[1]);
+}
+
 static inline int count_dir(const char *path)
 {
     int n = 0;

@@ -588,14 +588,7 @@ int main(void)
     CHECK_EQ(postcopy_incoming_get_stats(mis, &st), 0);
     CHECK_EQ(st.outstanding_requests, 0);
 
-    shutdown(req[0], SHUT_RDWR);
-    shutdown(data[1], SHUT_RDWR);
-    pthread_join(src.thread, NULL);
-    pthread_join(rcv.thread, NULL);
-    close(req[0]);
-    close(req[1]);
-    close(data[0]);
-    close(data[1]);
+    stop_source_and_receiver(req, data, &src, &rcv);
     CHECK_EQ(postcopy_host_unregister(), 0);
     postcopy_standalone_host_free(host);
     munmap(base, LEN);
