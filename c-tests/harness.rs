@@ -63,7 +63,12 @@ fn compile(name: &str, link: Link, extra: &[&str]) -> PathBuf {
     for e in extra {
         cmd.arg(src.join(e));
     }
-    cmd.arg("-o").arg(&exe);
+    // Several tests compile the same harness at once: each writes its own file and renames
+    // it into place, so none runs a binary another is still writing.
+    static BUILD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = BUILD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = exe.with_extension(format!("tmp{n}"));
+    cmd.arg("-o").arg(&tmp);
     match link {
         Link::Static => {
             cmd.arg(lib_dir().join("libpostcopy_ram.a"))
@@ -81,6 +86,7 @@ fn compile(name: &str, link: Link, extra: &[&str]) -> PathBuf {
         "gcc failed for {name}:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    std::fs::rename(&tmp, &exe).expect("rename the compiled harness into place");
     exe
 }
 
@@ -393,69 +399,46 @@ fn stress_placement_notifiers_shared_ufds_and_state_race_and_add_up() {
     );
 }
 
-/// Helgrind on the small stress run. Helgrind only sees the pthread calls it intercepts;
-/// the library's parking_lot locks and its atomics synchronise through futex(2) and atomic
-/// instructions, which it cannot see, so it reports accesses to lock-guarded library data
-/// as races. This test fails on what helgrind can judge: pthread API misuse, lock-order
-/// violations, and races that involve no library code (the harness's own data); it lists
-/// the library race contexts it reports, by the library function that made the access.
+/// Helgrind over the harnesses that run library threads under valgrind: the stress run
+/// (placers, notifier and shared-ufd churn, state races, with the fault thread), a small
+/// migration with 20 setup/cleanup cycles, and the bad-input matrix. The library's locks
+/// announce themselves to helgrind (src/sync.rs) and its lock-free atomics are reads to it,
+/// so every happens-before edge is visible: any report (a race, a lock-order inversion,
+/// pthread misuse) fails the test. Only std/glibc internals are suppressed
+/// (c-tests/valgrind.supp). A control program with a real race must be reported, or the
+/// clean runs prove nothing.
 #[test]
-fn helgrind_on_the_stress_harness() {
+fn helgrind_reports_nothing_in_the_library() {
     if valgrind().is_none() {
         return;
     }
-    let exe = compile("stress", Link::Static, &[]);
-    let (status, stdout, stderr) = run_valgrind(&exe, &["--tool=helgrind"], &["small"]);
+    let control = compile("helgrind_control", Link::Static, &[]);
+    let (status, _, stderr) = run_valgrind(&control, &["--tool=helgrind"], &[]);
     assert!(
-        status.success() && stdout.contains(" 0 failed"),
-        "stress under helgrind: {status:?}\n{stdout}\n{stderr}"
+        status.success() && stderr.contains("Possible data race"),
+        "helgrind missed the control's race: {status:?}\n{stderr}"
     );
-    let mut library: std::collections::BTreeMap<String, usize> = Default::default();
-    let mut other = Vec::new();
-    for report in stderr.split("----------------------------------------------------------------") {
-        let body: String = report
+    for (name, args) in [
+        ("stress", &["small"][..]),
+        ("leak_cycles", &["20", "valgrind"][..]),
+        ("bad_input_matrix", &[][..]),
+    ] {
+        let exe = compile(name, Link::Static, &[]);
+        let (status, stdout, stderr) = run_valgrind(&exe, &["--tool=helgrind"], args);
+        assert!(
+            status.success() && stdout.contains(" 0 failed"),
+            "{name} under helgrind: {status:?}\n{stdout}\n{stderr}"
+        );
+        let summary = stderr
             .lines()
-            .map(|l| l.split_once("== ").map_or(l, |(_, r)| r))
-            .collect::<Vec<_>>()
-            .join("\n");
-        let is_race = body.contains("Possible data race");
-        let is_error = is_race
-            || body.contains("lock order")
-            || body.contains("pthread_")
-                && (body.contains("dubious")
-                    || body.contains("invalid")
-                    || body.contains("not locked"));
-        if !is_error {
-            continue;
-        }
-        let access = body.split("This conflicts with").next().unwrap_or(&body);
-        // The first frame of the access's stack that is a library function.
-        let lib_frame = access
-            .lines()
-            .filter(|l| l.contains(" at 0x") || l.contains(" by 0x"))
-            .filter_map(|l| {
-                l.split_once(": ")
-                    .map(|(_, f)| f.split(" (").next().unwrap_or(f))
-            })
-            .find(|f| f.starts_with("postcopy_ram::") || f.starts_with("<postcopy_ram::"))
-            .map(str::to_string);
-        match (is_race, lib_frame) {
-            (true, Some(f)) => *library.entry(f).or_default() += 1,
-            _ => other.push(body),
-        }
+            .find(|l| l.contains("ERROR SUMMARY"))
+            .unwrap_or("no ERROR SUMMARY line");
+        println!("{name} under helgrind: {summary}");
+        assert!(
+            summary.contains("ERROR SUMMARY: 0 errors"),
+            "{name}: helgrind reports\n{stderr}"
+        );
     }
-    println!(
-        "helgrind: {} race contexts in library code (lock-guarded or atomic data helgrind cannot see synchronised):",
-        library.values().sum::<usize>()
-    );
-    for (f, n) in &library {
-        println!("  {n:3}  {f}");
-    }
-    assert!(
-        other.is_empty(),
-        "helgrind reports outside the library's futex/atomic blind spot:\n{}",
-        other.join("\n----\n")
-    );
 }
 
 #[test]

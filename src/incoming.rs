@@ -11,11 +11,11 @@ use crate::preempt::PreemptDst;
 use crate::requests::{Counters, PageRequests};
 use crate::shared_ufds::SharedUfdRegistry;
 use crate::state::{State, POSTCOPY_STATE};
+use crate::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
 use crate::sys::eventfd::EventFd;
 use crate::sys::host_page_size;
 use crate::sys::mem::{self, AnonMapping};
 use crate::sys::uffd::{self, Userfaultfd};
-use parking_lot::{Condvar, MappedRwLockReadGuard, Mutex, RwLock, RwLockReadGuard};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -230,9 +230,9 @@ impl Incoming {
     /// touching their reference count: a recursive read guard, which never waits for a
     /// writer (cleanup's write waits for it instead). Hold it for no more than a kernel
     /// call: no callback into the host or the hypervisor while it is held.
-    pub fn active_ref(&self) -> Result<MappedRwLockReadGuard<'_, Active>> {
+    pub fn active_ref(&self) -> Result<RwLockReadGuard<'_, Active>> {
         RwLockReadGuard::try_map(self.active.read_recursive(), |a| a.as_deref())
-            .map_err(|_| Error::NotSetUp)
+            .ok_or(Error::NotSetUp)
     }
 
     pub fn is_set_up(&self) -> bool {
@@ -390,7 +390,9 @@ impl Incoming {
         let active = self.active.read().clone();
         if let Some(active) = &active {
             self.preempt.stop(self, active);
-            active.quit.store(true, Ordering::Release);
+            // swap, not store: helgrind counts a read-modify-write as a read, so the
+            // fault thread's lock-free loads of the flag are not reported (sync.rs).
+            active.quit.swap(true, Ordering::Release);
             let _ = active.kick.kick();
             if let Some(handle) = active.fault_thread.lock().take() {
                 if handle.join().is_err() {

@@ -20,6 +20,7 @@ pub mod requests;
 pub mod shared_ufds;
 pub mod standalone;
 pub mod state;
+pub mod sync;
 pub mod sys;
 
 pub use error::{Error, Result};

@@ -1,7 +1,7 @@
 //! The postcopy notifier list: devices (vhost-user) that must agree before postcopy can
 //! run, and hear each step of it.
 use crate::host::ErrorSlot;
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 use std::sync::Arc;
 
 /// Why the notifiers are called, numbered as QEMU's `enum PostcopyNotifyReason`.

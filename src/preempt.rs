@@ -7,7 +7,7 @@
 use crate::error::{Error, Result};
 use crate::host::{Host, LogLevel, PreemptConnect};
 use crate::incoming::{Active, Incoming};
-use parking_lot::{Condvar, Mutex};
+use crate::sync::{Condvar, Mutex};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;

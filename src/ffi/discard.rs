@@ -4,8 +4,8 @@ use super::{c_str, guard, log, log_err, require_host};
 use crate::discard::DiscardBatch;
 use crate::error::Error;
 use crate::host::LogLevel;
+use crate::sync::Mutex;
 use once_cell::sync::Lazy;
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_ulong};
 

@@ -3,6 +3,7 @@
 pub mod eventfd;
 pub mod mem;
 pub mod uffd;
+pub mod valgrind;
 
 use std::io;
 
