@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <sys/prctl.h>
 
 /* ---- log capture ---- */
 static char last_log[1024];
@@ -360,8 +361,11 @@ static void test_wrong_order_and_null(PostcopyStandaloneHost *host)
     CHECK(postcopy_standalone_add_ram_block(host, NULL, page, 4096, 4096, -1, 0) == NULL, "NULL name");
 }
 
+static char thread_name[16];
+
 static void *thread_body(void *arg)
 {
+    prctl(PR_GET_NAME, thread_name);
     *(int *)arg = 42;
     return arg;
 }
@@ -375,6 +379,11 @@ static void test_thread_create(void)
     CHECK_EQ(pthread_join(t.thread, &ret), 0);
     CHECK(ret == &flag, "thread got mis as its argument");
     CHECK_EQ(flag, 42);
+    CHECK(strcmp(thread_name, "test/thread") == 0, "the thread runs under its name");
+    flag = 0;
+    postcopy_thread_create((MigrationIncomingState *)&flag, &t, "postcopy/a-long-thread-name", thread_body, 0);
+    CHECK_EQ(pthread_join(t.thread, &ret), 0);
+    CHECK(strcmp(thread_name, "postcopy/a-long") == 0, "a long name is cut to Linux's 15 bytes");
 }
 
 int main(void)

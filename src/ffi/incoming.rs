@@ -159,12 +159,21 @@ pub extern "C" fn postcopy_fault_thread_notify(mis: *mut MigrationIncomingStateR
 struct ThreadStart {
     func: unsafe extern "C" fn(*mut c_void) -> *mut c_void,
     arg: *mut c_void,
+    /// At most 15 bytes, as Linux keeps.
+    name: Option<std::ffi::CString>,
     started: std::sync::mpsc::SyncSender<()>,
 }
 
 extern "C" fn thread_trampoline(p: *mut c_void) -> *mut c_void {
     // SAFETY: p is the Box<ThreadStart> leaked by postcopy_thread_create for this thread.
     let start = unsafe { Box::from_raw(p as *mut ThreadStart) };
+    // The thread names itself, as QEMU's qemu_thread_start does: naming another thread
+    // makes glibc open /proc/self/task/<tid>/comm (without O_CLOEXEC), naming oneself is
+    // one prctl.
+    if let Some(name) = &start.name {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    }
     let _ = start.started.send(());
     // SAFETY: the caller's thread function, with the argument it asked for (the mis).
     unsafe { (start.func)(start.arg) }
@@ -209,10 +218,17 @@ pub extern "C" fn postcopy_thread_create(
                 }
             }
         }
+        let name = (!name.is_null()).then(|| {
+            // SAFETY: name is a NUL-terminated string (caller's contract).
+            let mut short = unsafe { CStr::from_ptr(name) }.to_bytes().to_vec();
+            short.truncate(15);
+            std::ffi::CString::new(short).unwrap_or_default()
+        });
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let start = Box::into_raw(Box::new(ThreadStart {
             func,
             arg: mis.cast(),
+            name,
             started: tx,
         }));
         // SAFETY: pthread_t is plain data; all-zero is a valid placeholder.
@@ -231,14 +247,6 @@ pub extern "C" fn postcopy_thread_create(
                     std::io::Error::from_raw_os_error(rc)
                 ),
             );
-        }
-        if !name.is_null() {
-            // SAFETY: name is a NUL-terminated string (caller's contract).
-            let mut short = unsafe { CStr::from_ptr(name) }.to_bytes().to_vec();
-            short.truncate(15);
-            short.push(0);
-            // SAFETY: tid is a live thread; short is NUL-terminated and at most 16 bytes.
-            unsafe { libc::pthread_setname_np(tid, short.as_ptr().cast()) };
         }
         // SAFETY: thread is non-NULL and points to the caller's QemuThread.
         unsafe { (*thread).thread = tid };
