@@ -299,6 +299,15 @@ typedef struct PostcopyHostOps {
   // (QEMU: set `mis->postcopy_qemufile_dst`, post `postcopy_qemufile_dst_done`). Called
   // by postcopy_preempt_new_channel before the library's preempt thread is handed it.
   void (*preempt_channel_arrived)(void *opaque, MigrationIncomingState *mis, QEMUFile *file);
+  // Optional. At the end of every postcopy_ram_incoming_cleanup in which no block is
+  // left registered with the userfaultfd: lock guest memory again if the host keeps it
+  // locked (QEMU: `if (should_mlock(mlock_state)) os_mlock(...)`), since
+  // postcopy_ram_supported_by_host unlocked it. Returns 0 or -errno; a failure is logged
+  // and cleanup still returns 0. Never called while a block is registered: locking a
+  // registered missing page would wait for a fault thread that is gone. Main thread.
+  // Added after the first release of this table: a host that passes the older, shorter
+  // `size` registers and is treated as not having it.
+  int (*restore_mlock)(void *opaque);
 } PostcopyHostOps;
 
 // Counters of one incoming context (not part of QEMU's header).
@@ -556,7 +565,8 @@ int postcopy_ram_incoming_setup(MigrationIncomingState *mis);
 // Ends postcopy on the destination: with preempt, waits for outstanding requests (not when
 // the return path is down); stops and joins the fault thread; notifies INBOUND_END; gives
 // transparent huge pages back and unregisters every block; closes the fds and unmaps the
-// temp pages. Blocktime figures stay readable until the next setup.
+// temp pages; last, when no block is left registered, calls the host's `restore_mlock`
+// (QEMU re-locks guest memory there). Blocktime figures stay readable until the next setup.
 //
 // Thread: the thread that ends postcopy (QEMU: the listen thread, or the main thread).
 // Returns 0, or a negative errno with the cause logged (NULL `mis`: -EINVAL, an INBOUND_END

@@ -141,6 +141,14 @@ pub trait Host: Send + Sync + std::any::Any {
     /// `mis->postcopy_tmp_pages`). Main thread.
     fn publish_temp_pages(&self, _mis: usize, _tmp_pages: &[usize], _zero_page: usize) {}
 
+    /// End of cleanup, once no block is registered with the userfaultfd any more: lock guest
+    /// memory again if the host keeps it locked (QEMU: `-overcommit mem-lock`), since
+    /// `supported_by_host` unlocked it for registration. Err(errno) is logged; cleanup
+    /// still succeeds (the VM state is valid, as QEMU reasons). Main thread.
+    fn restore_mlock(&self) -> Result<(), i32> {
+        Ok(())
+    }
+
     /// Sends one discard command (source side): `ranges` are (start, length) in bytes.
     fn send_discard(&self, ms: usize, name: &str, ranges: &[(u64, u64)]) -> Result<(), i32>;
 

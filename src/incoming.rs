@@ -383,7 +383,7 @@ impl Incoming {
 
     /// `postcopy_ram_incoming_cleanup`: wait for urgent pages (preempt), stop and join the
     /// fault thread, notify INBOUND_END, unregister every block and give THP back, release
-    /// fds and temp pages. Safe to call twice, after a failed setup, or without setup.
+    /// fds and temp pages, and (nothing left registered) let the host lock memory again. Safe to call twice, after a failed setup, or without setup.
     /// Stats stay readable until the next setup.
     pub fn cleanup(&self) -> Result<()> {
         let mut life = self.lifecycle.lock();
@@ -435,6 +435,19 @@ impl Incoming {
             drop(req);
             self.drained.notify_all();
             // Dropping the last Arc closes the userfaultfd and eventfd and unmaps the temp pages.
+        }
+        // Only with nothing registered: locking a registered missing page would wait for
+        // the fault thread, which is gone.
+        if first_err.is_none() {
+            if let Err(errno) = self.host.restore_mlock() {
+                self.log(
+                    LogLevel::Error,
+                    &format!(
+                        "mlock of guest memory after postcopy failed: {}",
+                        std::io::Error::from_raw_os_error(errno)
+                    ),
+                );
+            }
         }
         *self.snapshot.write() = None;
         drop(life);
@@ -680,6 +693,124 @@ mod tests {
         drop(active);
         inc.cleanup().unwrap();
         assert!(!inc.is_set_up());
+    }
+
+    /// The standalone host plus a restore_mlock that checks, from the kernel's view
+    /// (/proc/self/smaps VmFlags: `um` = userfaultfd missing-mode registered, `lo` =
+    /// locked), that guest RAM is no longer registered, then really locks it.
+    struct MlockHost {
+        inner: Arc<StandaloneHost>,
+        range: (u64, u64),
+        calls: AtomicU64,
+        registered_when_called: AtomicU64,
+        locked_after: AtomicU64,
+    }
+
+    fn vma_flags(addr: u64) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((lo, hi)) = range.split_once('-') {
+                    if let (Ok(lo), Ok(hi)) =
+                        (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16))
+                    {
+                        inside = (lo..hi).contains(&addr);
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.trim().to_string();
+                }
+            }
+        }
+        panic!("no VMA holds {addr:#x}");
+    }
+
+    impl Host for MlockHost {
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+        fn ram_blocks(&self) -> Vec<RamBlockInfo> {
+            self.inner.ram_blocks()
+        }
+        fn recv_test(&self, b: BlockId, o: u64) -> bool {
+            self.inner.recv_test(b, o)
+        }
+        fn recv_set_range(&self, b: BlockId, o: u64, l: u64) {
+            self.inner.recv_set_range(b, o, l)
+        }
+        fn discard_range(&self, b: &RamBlockInfo, s: u64, l: u64) -> Result<()> {
+            self.inner.discard_range(b, s, l)
+        }
+        fn request_page(
+            &self,
+            r: &PageRequest<'_>,
+        ) -> std::result::Result<crate::host::RequestOutcome, i32> {
+            self.inner.request_page(r)
+        }
+        fn send_discard(
+            &self,
+            ms: usize,
+            n: &str,
+            r: &[(u64, u64)],
+        ) -> std::result::Result<(), i32> {
+            self.inner.send_discard(ms, n, r)
+        }
+        fn restore_mlock(&self) -> std::result::Result<(), i32> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let (addr, len) = self.range;
+            let flags = vma_flags(addr);
+            if flags.split(' ').any(|f| f == "um") {
+                self.registered_when_called.fetch_add(1, Ordering::SeqCst);
+                return Err(libc::EBUSY);
+            }
+            // SAFETY: the range is the test's own mapping; mlock only pins it.
+            if unsafe { libc::mlock(addr as *const libc::c_void, len as usize) } != 0 {
+                return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            }
+            if vma_flags(addr).split(' ').any(|f| f == "lo") {
+                self.locked_after.fetch_add(1, Ordering::SeqCst);
+            }
+            // SAFETY: as above; undoes the lock so the test leaves the process as it was.
+            unsafe { libc::munlock(addr as *const libc::c_void, len as usize) };
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn cleanup_lets_the_host_lock_memory_again_only_once_nothing_is_registered() {
+        let (inner, mem, _id) = host_with_block(16);
+        inner.set_log_fn(Box::new(|_, _| {}));
+        let len = 16 * host_page_size();
+        let host = Arc::new(MlockHost {
+            inner,
+            range: (mem.addr() as u64, len),
+            calls: AtomicU64::new(0),
+            registered_when_called: AtomicU64::new(0),
+            locked_after: AtomicU64::new(0),
+        });
+        let inc = Arc::new(Incoming::new(
+            0x2000,
+            host.clone(),
+            Arc::new(NotifierList::new()),
+            Arc::new(SharedUfdRegistry::new()),
+        ));
+        inc.init().unwrap();
+        inc.setup().unwrap();
+        assert!(
+            vma_flags(mem.addr() as u64).split(' ').any(|f| f == "um"),
+            "setup registered the block"
+        );
+        inc.cleanup().unwrap();
+        assert_eq!(host.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(host.registered_when_called.load(Ordering::SeqCst), 0);
+        assert_eq!(host.locked_after.load(Ordering::SeqCst), 1);
+        // A second cleanup (nothing set up) asks again, as QEMU re-locks on every cleanup.
+        inc.cleanup().unwrap();
+        assert_eq!(host.calls.load(Ordering::SeqCst), 2);
     }
 
     struct NoBlocksHost;

@@ -379,6 +379,24 @@ static void adapter_log(void *opaque, int level, const char *msg)
     }
 }
 
+/*
+ * End of postcopy_ram_incoming_cleanup, once no block is registered any more: QEMU's
+ * re-lock for -overcommit mem-lock (supported_by_host ran munlockall). os_mlock reports
+ * its own failure too; the library logs ours and cleanup still succeeds, as in QEMU.
+ */
+static int adapter_restore_mlock(void *opaque)
+{
+    (void)opaque;
+    if (!should_mlock(mlock_state)) {
+        return 0;
+    }
+    errno = 0;
+    if (os_mlock(is_mlock_on_fault(mlock_state)) < 0) {
+        return errno ? -errno : -EINVAL;
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------- registration */
 
 static void adapter_register(uint64_t target_page_size)
@@ -414,6 +432,7 @@ static void adapter_register(uint64_t target_page_size)
         .wait_for_recovery = adapter_wait_for_recovery,
         .publish_temp_pages = adapter_publish_temp_pages,
         .preempt_channel_arrived = adapter_preempt_channel_arrived,
+        .restore_mlock = adapter_restore_mlock,
     };
     int rc = postcopy_host_register(&ops);
 

@@ -255,7 +255,20 @@ pub struct PostcopyHostOps {
             file: *mut QemuFileRef,
         ),
     >,
+    /// Optional. At the end of every postcopy_ram_incoming_cleanup in which no block is
+    /// left registered with the userfaultfd: lock guest memory again if the host keeps it
+    /// locked (QEMU: `if (should_mlock(mlock_state)) os_mlock(...)`), since
+    /// postcopy_ram_supported_by_host unlocked it. Returns 0 or -errno; a failure is logged
+    /// and cleanup still returns 0. Never called while a block is registered: locking a
+    /// registered missing page would wait for a fault thread that is gone. Main thread.
+    /// Added after the first release of this table: a host that passes the older, shorter
+    /// `size` registers and is treated as not having it.
+    pub restore_mlock: Option<unsafe extern "C" fn(opaque: *mut c_void) -> c_int>,
 }
+
+/// The size of the table before `restore_mlock` was appended: the smallest `size`
+/// postcopy_host_register accepts.
+const HOST_OPS_MIN_SIZE: usize = std::mem::offset_of!(PostcopyHostOps, restore_mlock);
 
 /// Sends one discard command: `n` (start, length) byte pairs of block `name`.
 pub type PostcopySendDiscardFn = Option<
@@ -334,19 +347,32 @@ impl CHost {
         }
         // SAFETY: non-NULL; the first 8 bytes (size, version) exist in every version.
         let (size, version) = unsafe { ((*ops).size, (*ops).version) };
-        let ours = std::mem::size_of::<PostcopyHostOps>() as u32;
+        let ours = std::mem::size_of::<PostcopyHostOps>();
         if version != POSTCOPY_HOST_OPS_VERSION {
             return Err(Error::InvalidArgument(format!(
                 "host ops version {version} is not {POSTCOPY_HOST_OPS_VERSION}"
             )));
         }
-        if size < ours {
+        if (size as usize) < HOST_OPS_MIN_SIZE {
             return Err(Error::InvalidArgument(format!(
-                "host ops size {size} is smaller than this version's {ours}"
+                "host ops size {size} is smaller than the smallest table, {HOST_OPS_MIN_SIZE} bytes"
             )));
         }
-        // SAFETY: at least `ours` bytes are readable (size >= ours, caller's contract).
-        let ops = unsafe { std::ptr::read(ops) };
+        // A table from an older header is shorter: the members it lacks stay zero (absent).
+        let mut copy = std::mem::MaybeUninit::<PostcopyHostOps>::zeroed();
+        // SAFETY: `ops` has at least `size` readable bytes (caller's contract) and we copy
+        // no more than that, nor more than our table holds; the regions do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                ops.cast::<u8>(),
+                copy.as_mut_ptr().cast::<u8>(),
+                (size as usize).min(ours),
+            )
+        };
+        // SAFETY: every member is an integer, a raw pointer or an Option of a function
+        // pointer, for which all-zero bytes are valid (0, NULL, None); the rest was copied
+        // from a valid table.
+        let ops = unsafe { copy.assume_init() };
         for (present, name) in [
             (ops.ram_block_foreach.is_some(), "ram_block_foreach"),
             (ops.ram_block_info.is_some(), "ram_block_info"),
@@ -558,6 +584,17 @@ impl Host for CHost {
                     zero_page as *mut c_void,
                 )
             }
+        }
+    }
+
+    fn restore_mlock(&self) -> std::result::Result<(), i32> {
+        let Some(f) = self.ops.restore_mlock else {
+            return Ok(());
+        };
+        // SAFETY: a registered host function with its opaque.
+        match unsafe { f(self.ops.opaque) } {
+            0 => Ok(()),
+            rc => Err(rc.abs()),
         }
     }
 

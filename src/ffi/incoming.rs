@@ -113,7 +113,8 @@ pub extern "C" fn postcopy_ram_incoming_setup(mis: *mut MigrationIncomingStateRe
 /// Ends postcopy on the destination: with preempt, waits for outstanding requests (not when
 /// the return path is down); stops and joins the fault thread; notifies INBOUND_END; gives
 /// transparent huge pages back and unregisters every block; closes the fds and unmaps the
-/// temp pages. Blocktime figures stay readable until the next setup.
+/// temp pages; last, when no block is left registered, calls the host's `restore_mlock`
+/// (QEMU re-locks guest memory there). Blocktime figures stay readable until the next setup.
 ///
 /// Thread: the thread that ends postcopy (QEMU: the listen thread, or the main thread).
 /// Returns 0, or a negative errno with the cause logged (NULL `mis`: -EINVAL, an INBOUND_END
