@@ -36,7 +36,11 @@ DEFAULT_TESTS=(
     /x86_64/migration/postcopy/plain
     /x86_64/migration/postcopy/preempt/plain
     /x86_64/migration/postcopy/recovery/plain
+    mem-lock-relock
 )
+# Not a qtest: integrations/qemu/mem-lock-check.py, a postcopy into a destination started
+# with -overcommit mem-lock=on, which must have its guest memory locked again afterwards.
+MEM_LOCK_CHECK=$REPO_ROOT/integrations/qemu/mem-lock-check.py
 TESTS=()
 MODES=()            # filled from the command line; default: swapped
 SKIP_DEPS=0
@@ -78,7 +82,9 @@ Options:
   --work-dir DIR  work directory outside the repository (default: \$QEMU_WORK_DIR or
                   /var/tmp/postcopy-qemu); currently: ${WORK_DIR}
   -j, --jobs N    parallel build jobs (default: \$QEMU_BUILD_JOBS or 2)
-  --test PATH     run this migration-test path instead of the default three (repeatable)
+  --test PATH     run this migration-test path instead of the defaults (repeatable; the
+                  defaults are QEMU's plain, preempt and recovery postcopy tests, and
+                  mem-lock-relock: integrations/qemu/mem-lock-check.py)
   --timeout SECS  per-test timeout (default: \$QEMU_TEST_TIMEOUT or 600)
   --skip-deps     do not install packages or the meson venv (they must already exist)
   --clean         delete the selected build directories first (the source is kept)
@@ -563,10 +569,18 @@ run_tests() {
         logf=$LOG_DIR/$mode-test${safe}.log
         t0=$(now)
         set +e
-        (cd "$bdir" && QTEST_QEMU_BINARY=./qemu-system-x86_64 \
-            timeout --kill-after=30 "$TEST_TIMEOUT" \
-            ./tests/qtest/migration-test --tap -k -p "$t") >"$logf" 2>&1
-        rc=$?
+        if [[ $t == mem-lock-relock ]]; then
+            (cd "$bdir" && timeout --kill-after=30 "$TEST_TIMEOUT" \
+                "$PY" "$MEM_LOCK_CHECK" ./qemu-system-x86_64) >"$logf" 2>&1
+            rc=$?
+            # Reported in the qtest's own terms below.
+            [[ $rc -eq 0 ]] && echo "ok 1 $t" >>"$logf"
+        else
+            (cd "$bdir" && QTEST_QEMU_BINARY=./qemu-system-x86_64 \
+                timeout --kill-after=30 "$TEST_TIMEOUT" \
+                ./tests/qtest/migration-test --tap -k -p "$t") >"$logf" 2>&1
+            rc=$?
+        fi
         set -e
         TEST_TIME[$mode$t]=$(elapsed "$t0")
         if [[ $rc -eq 0 ]] && grep -Eq "^ok [0-9]+ $t( |\$)" "$logf" \
