@@ -292,7 +292,18 @@ impl Incoming {
         // that were not yet counted as requested.
         Counters::bump(&self.counters.requests_sent);
         match self.host.request_page(&req) {
-            Ok(RequestOutcome::Sent) => {}
+            Ok(RequestOutcome::Sent) => {
+                // A plain load first: the common case (no failures) writes nothing.
+                if self.request_failures_in_a_row.load(Ordering::Relaxed) != 0 {
+                    let n = self.request_failures_in_a_row.swap(0, Ordering::Relaxed);
+                    if n > 1 {
+                        self.log(
+                            LogLevel::Warning,
+                            &format!("page requests are sent again, after {n} failed in a row"),
+                        );
+                    }
+                }
+            }
             Ok(RequestOutcome::Discarded) => {
                 self.counters
                     .requests_sent
@@ -313,14 +324,26 @@ impl Incoming {
                     .requests_sent
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 Counters::bump(&self.counters.request_errors);
-                self.log(
-                    LogLevel::Error,
-                    &format!(
-                        "page request for '{idstr}' offset {:#x} failed: {}",
-                        p.offset,
-                        io::Error::from_raw_os_error(errno)
-                    ),
-                );
+                let n = self
+                    .request_failures_in_a_row
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                // The first failure, then the 10th, 100th...: one line per decade.
+                if n == 1 || is_power_of_ten(n) {
+                    let more = if n == 1 {
+                        String::from("; until one succeeds, only every power of ten is logged")
+                    } else {
+                        format!("; {n} failed in a row")
+                    };
+                    self.log(
+                        LogLevel::Error,
+                        &format!(
+                            "page request for '{idstr}' offset {:#x} failed: {}{more}",
+                            p.offset,
+                            io::Error::from_raw_os_error(errno)
+                        ),
+                    );
+                }
                 // Ask the host before taking the lock: no host call runs under it except
                 // the received-bitmap pair.
                 let return_path_ok = self.host.return_path_ok();
@@ -412,6 +435,13 @@ pub enum Recorded {
     AlreadyReceived,
 }
 
+fn is_power_of_ten(mut n: u64) -> bool {
+    while n >= 10 && n % 10 == 0 {
+        n /= 10;
+    }
+    n == 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,6 +460,86 @@ mod tests {
         fn now_ns(&self) -> u64 {
             (self.0.fetch_add(1, Ordering::SeqCst) + 1) * 1000
         }
+    }
+
+    #[test]
+    fn a_dead_link_logs_one_line_per_decade_of_failed_requests() {
+        let host = Arc::new(StandaloneHost::new(0));
+        let logs = Arc::new(parking_lot::Mutex::new(Vec::<(LogLevel, String)>::new()));
+        let l = logs.clone();
+        host.set_log_fn(Box::new(move |level, msg| {
+            l.lock().push((level, msg.into()))
+        }));
+        let calls = Arc::new(AtomicU64::new(0));
+        let c = calls.clone();
+        // The first 120 sends fail; the return path still says it is up.
+        host.set_request_fn(Box::new(move |_, _| {
+            if c.fetch_add(1, Ordering::SeqCst) < 120 {
+                Err(libc::EPIPE)
+            } else {
+                Ok(())
+            }
+        }));
+        let ps = host_page_size();
+        let mem = AnonMapping::new(256 * ps as usize).unwrap();
+        host.add_block("pc.ram", mem.addr(), 256 * ps, ps, -1, 0)
+            .unwrap();
+        let inc = Arc::new(Incoming::new(
+            0x3000,
+            host.clone(),
+            Arc::new(NotifierList::new()),
+            Arc::new(SharedUfdRegistry::new()),
+        ));
+        inc.init().unwrap();
+        inc.setup().unwrap();
+        let active = inc.active().unwrap();
+        for page in 0..125 {
+            inc.handle_fault(&active, mem.addr() as u64 + page * ps, 0);
+        }
+        let c = inc.counters.snapshot();
+        assert_eq!((c.request_errors, c.requests_sent), (120, 5));
+        let lines: Vec<_> = logs
+            .lock()
+            .iter()
+            .filter(|(_, m)| m.contains("page request"))
+            .cloned()
+            .collect();
+        let errors: Vec<_> = lines
+            .iter()
+            .filter(|(lv, _)| *lv == LogLevel::Error)
+            .map(|(_, m)| m.as_str())
+            .collect();
+        assert_eq!(
+            errors.len(),
+            3,
+            "the 1st, 10th and 100th failure: {errors:?}"
+        );
+        assert!(errors[0].contains("Broken pipe") && errors[0].contains("only every power of ten"));
+        assert!(errors[1].ends_with("; 10 failed in a row"), "{}", errors[1]);
+        assert!(
+            errors[2].ends_with("; 100 failed in a row"),
+            "{}",
+            errors[2]
+        );
+        let warnings: Vec<_> = lines
+            .iter()
+            .filter(|(lv, _)| *lv == LogLevel::Warning)
+            .map(|(_, m)| m.as_str())
+            .collect();
+        assert_eq!(
+            warnings,
+            ["page requests are sent again, after 120 failed in a row"]
+        );
+        drop(active);
+        inc.cleanup().unwrap();
+    }
+
+    #[test]
+    fn powers_of_ten() {
+        let found: Vec<u64> = (1..=10_000)
+            .filter(|&n| super::is_power_of_ten(n))
+            .collect();
+        assert_eq!(found, [1, 10, 100, 1000, 10_000]);
     }
 
     #[test]

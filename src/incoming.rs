@@ -16,7 +16,7 @@ use crate::sys::eventfd::EventFd;
 use crate::sys::host_page_size;
 use crate::sys::mem::{self, AnonMapping};
 use crate::sys::uffd::{self, Userfaultfd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -179,6 +179,9 @@ pub struct Incoming {
     /// Signalled when the requested set becomes empty.
     pub drained: Condvar,
     pub counters: Counters,
+    /// Page requests the host failed to send since the last one it sent: only the first
+    /// and every power of ten are logged, so a dead link does not flood the log.
+    pub request_failures_in_a_row: AtomicU64,
     pub preempt: PreemptDst,
 }
 
@@ -217,6 +220,7 @@ impl Incoming {
             requests: Mutex::new(PageRequests::default()),
             drained: Condvar::new(),
             counters: Counters::default(),
+            request_failures_in_a_row: AtomicU64::new(0),
             preempt: PreemptDst::default(),
         }
     }
@@ -344,6 +348,7 @@ impl Incoming {
             .then(|| Blocktime::new(&self.host.vcpus(), self.clock.clone()));
         *self.requests.lock() = PageRequests::new(blocktime);
         self.counters.reset();
+        self.request_failures_in_a_row.swap(0, Ordering::Relaxed);
 
         let active = Arc::new(Active {
             thread_id: uffd.has_feature(uffd::FEATURE_THREAD_ID),
