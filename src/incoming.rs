@@ -11,7 +11,7 @@ use crate::preempt::PreemptDst;
 use crate::requests::{Counters, PageRequests};
 use crate::shared_ufds::SharedUfdRegistry;
 use crate::state::{State, POSTCOPY_STATE};
-use crate::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
+use crate::sync::{Condvar, Mutex, Publish, RwLock, RwLockReadGuard};
 use crate::sys::eventfd::EventFd;
 use crate::sys::host_page_size;
 use crate::sys::mem::{self, AnonMapping};
@@ -348,7 +348,7 @@ impl Incoming {
             .then(|| Blocktime::new(&self.host.vcpus(), self.clock.clone()));
         *self.requests.lock() = PageRequests::new(blocktime);
         self.counters.reset();
-        self.request_failures_in_a_row.swap(0, Ordering::Relaxed);
+        self.request_failures_in_a_row.store(0, Ordering::Relaxed);
 
         let active = Arc::new(Active {
             thread_id: uffd.has_feature(uffd::FEATURE_THREAD_ID),
@@ -388,16 +388,15 @@ impl Incoming {
 
     /// `postcopy_ram_incoming_cleanup`: wait for urgent pages (preempt), stop and join the
     /// fault thread, notify INBOUND_END, unregister every block and give THP back, release
-    /// fds and temp pages, and (nothing left registered) let the host lock memory again. Safe to call twice, after a failed setup, or without setup.
-    /// Stats stay readable until the next setup.
+    /// fds and temp pages, and (nothing left registered) let the host lock memory again.
+    /// Safe to call twice, after a failed setup, or without setup. Stats stay readable
+    /// until the next setup.
     pub fn cleanup(&self) -> Result<()> {
         let mut life = self.lifecycle.lock();
         let active = self.active.read().clone();
         if let Some(active) = &active {
             self.preempt.stop(self, active);
-            // swap, not store: helgrind counts a read-modify-write as a read, so the
-            // fault thread's lock-free loads of the flag are not reported (sync.rs).
-            active.quit.swap(true, Ordering::Release);
+            active.quit.publish(true);
             let _ = active.kick.kick();
             if let Some(handle) = active.fault_thread.lock().take() {
                 if handle.join().is_err() {

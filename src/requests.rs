@@ -95,7 +95,7 @@ macro_rules! counters {
             }
             pub fn reset(&self) {
                 self.atomics_only();
-                $(self.$name.swap(0, Ordering::Relaxed);)*
+                $(self.$name.store(0, Ordering::Relaxed);)*
             }
         }
     };

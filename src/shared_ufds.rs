@@ -5,7 +5,7 @@
 //! Unlike QEMU, which polls only the fds present when the fault thread starts, a
 //! registration change kicks every running fault thread, which rebuilds its poll set.
 use crate::host::BlockId;
-use crate::sync::Mutex;
+use crate::sync::{Mutex, Publish};
 use crate::sys::eventfd::EventFd;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -44,7 +44,7 @@ impl SharedUfdRegistry {
                 return false;
             }
             entries.push(entry);
-            self.publish_count(entries.len());
+            self.count.publish(entries.len());
         }
         self.changed();
         true
@@ -56,7 +56,7 @@ impl SharedUfdRegistry {
             let mut entries = self.entries.lock();
             let before = entries.len();
             entries.retain(|e| e.fd() != fd);
-            self.publish_count(entries.len());
+            self.count.publish(entries.len());
             entries.len() != before
         };
         if removed {
@@ -69,19 +69,13 @@ impl SharedUfdRegistry {
         {
             let mut entries = self.entries.lock();
             entries.clear();
-            self.publish_count(0);
+            self.count.publish(0);
         }
         self.changed();
     }
 
     pub fn snapshot(&self) -> Vec<Arc<dyn SharedUfd>> {
         self.entries.lock().clone()
-    }
-
-    /// Under the entries lock. A swap rather than a store: readers load the count without
-    /// the lock, and helgrind counts a read-modify-write as a read, not a racing write.
-    fn publish_count(&self, n: usize) {
-        self.count.swap(n, Ordering::Release);
     }
 
     pub fn len(&self) -> usize {

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::host::{
     BlockId, ErrorSlot, Host, LogLevel, PageRequest, PreemptConnect, RamBlockInfo, RequestOutcome,
 };
-use crate::sync::{Mutex, RwLock};
+use crate::sync::{Mutex, Publish, RwLock};
 use crate::sys::mem;
 use std::ffi::CString;
 use std::os::fd::RawFd;
@@ -266,7 +266,7 @@ impl StandaloneHost {
         blocks.push(block.clone());
         let i = blocks.len() - 1;
         if i < FAST_BLOCKS && self.fast[i].set(block.clone()).is_ok() {
-            self.fast_len.swap(i + 1, Ordering::Release);
+            self.fast_len.publish(i + 1);
         }
         Ok(block)
     }
@@ -334,7 +334,7 @@ impl StandaloneHost {
     }
 
     pub fn set_return_path(&self, ok: bool) {
-        self.return_path_ok.swap(ok, Ordering::Release);
+        self.return_path_ok.publish(ok);
     }
 
     pub fn add_vcpu(&self, index: u32, tid: u32) {
@@ -346,8 +346,8 @@ impl StandaloneHost {
     }
 
     pub fn set_capabilities(&self, blocktime: bool, preempt: bool) {
-        self.blocktime.swap(blocktime, Ordering::Release);
-        self.preempt.swap(preempt, Ordering::Release);
+        self.blocktime.publish(blocktime);
+        self.preempt.publish(preempt);
     }
 
     /// Has the page at `offset` of `block` been placed (or discarded back to missing)?

@@ -8,8 +8,27 @@
 //! their happens-before edges are seen and their lock order is checked.
 use crate::sys::valgrind;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
+
+/// A Release store of a flag that other threads load without a lock. Done as a swap:
+/// helgrind treats a read-modify-write as a read, so a plain store would be reported as
+/// racing with those loads (it does not model atomics).
+pub trait Publish<T> {
+    fn publish(&self, value: T);
+}
+
+impl Publish<bool> for AtomicBool {
+    fn publish(&self, value: bool) {
+        self.swap(value, Ordering::Release);
+    }
+}
+
+impl Publish<usize> for AtomicUsize {
+    fn publish(&self, value: usize) {
+        self.swap(value, Ordering::Release);
+    }
+}
 
 /// Announces a lock to helgrind on first use and retires it when dropped, so a lock later
 /// allocated at the same address starts with a clean history.

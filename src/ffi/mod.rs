@@ -23,7 +23,7 @@ use crate::host::{default_log, ErrorSlot, Host, LogLevel};
 use crate::incoming::Incoming;
 use crate::notifiers::NotifierList;
 use crate::shared_ufds::SharedUfdRegistry;
-use crate::sync::RwLock;
+use crate::sync::{Publish, RwLock};
 use once_cell::sync::Lazy;
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -150,11 +150,11 @@ pub(crate) unsafe fn c_str(p: *const c_char, what: &'static str) -> Result<Strin
     Ok(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
 
-/// Records the context most recently used. Written only when it changes (the common case
-/// is one context), and with a swap: helgrind counts that as a read, not a racing write.
+/// Records the context most recently used; written only when it changes (the common case
+/// is one context).
 fn set_current_mis(mis: usize) {
     if CURRENT_MIS.load(Ordering::Acquire) != mis {
-        CURRENT_MIS.swap(mis, Ordering::Release);
+        CURRENT_MIS.publish(mis);
     }
 }
 
