@@ -343,6 +343,29 @@ fn run_valgrind(
     (out.status, stdout, stderr)
 }
 
+/// Compiles harness `name`, runs it with `args` under valgrind's `tool_args`, and asserts
+/// that every check passed and the tool reported no error; returns the tool's output.
+fn passes_clean_under_valgrind(name: &str, tool_args: &[&str], args: &[&str]) -> String {
+    let exe = compile(name, Link::Static, &[]);
+    let (status, stdout, stderr) = run_valgrind(&exe, tool_args, args);
+    let summary: Vec<&str> = stderr
+        .lines()
+        .filter(|l| {
+            l.contains("lost:") || l.contains("ERROR SUMMARY") || l.contains("in use at exit")
+        })
+        .collect();
+    println!("{name} under {tool_args:?}:\n{}", summary.join("\n"));
+    assert!(
+        status.success() && stdout.contains(" 0 failed"),
+        "{name} under {tool_args:?}: {status:?}\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("ERROR SUMMARY: 0 errors"),
+        "{name}: valgrind {tool_args:?} reports\n{stderr}"
+    );
+    stderr
+}
+
 #[test]
 fn valgrind_memcheck_finds_no_leaks_or_errors_in_the_c_harnesses() {
     if valgrind().is_none() {
@@ -355,9 +378,8 @@ fn valgrind_memcheck_finds_no_leaks_or_errors_in_the_c_harnesses() {
         ("bad_input_matrix", &[][..]),
         ("leak_cycles", &["20", "valgrind"][..]),
     ] {
-        let exe = compile(name, Link::Static, &[]);
-        let (status, stdout, stderr) = run_valgrind(
-            &exe,
+        let stderr = passes_clean_under_valgrind(
+            name,
             &[
                 "--tool=memcheck",
                 "--leak-check=full",
@@ -366,21 +388,6 @@ fn valgrind_memcheck_finds_no_leaks_or_errors_in_the_c_harnesses() {
                 "--error-exitcode=99",
             ],
             args,
-        );
-        let summary: Vec<&str> = stderr
-            .lines()
-            .filter(|l| {
-                l.contains("lost:") || l.contains("ERROR SUMMARY") || l.contains("in use at exit")
-            })
-            .collect();
-        println!("{name} under memcheck:\n{}", summary.join("\n"));
-        assert!(
-            status.success() && stdout.contains(" 0 failed"),
-            "{name} under memcheck: {status:?}\n{stdout}\n{stderr}"
-        );
-        assert!(
-            stderr.contains("ERROR SUMMARY: 0 errors"),
-            "{name}: memcheck errors\n{stderr}"
         );
         let leak_free = stderr.contains("All heap blocks were freed")
             || (stderr.contains("definitely lost: 0 bytes in 0 blocks")
@@ -423,21 +430,7 @@ fn helgrind_reports_nothing_in_the_library() {
         ("leak_cycles", &["20", "valgrind"][..]),
         ("bad_input_matrix", &[][..]),
     ] {
-        let exe = compile(name, Link::Static, &[]);
-        let (status, stdout, stderr) = run_valgrind(&exe, &["--tool=helgrind"], args);
-        assert!(
-            status.success() && stdout.contains(" 0 failed"),
-            "{name} under helgrind: {status:?}\n{stdout}\n{stderr}"
-        );
-        let summary = stderr
-            .lines()
-            .find(|l| l.contains("ERROR SUMMARY"))
-            .unwrap_or("no ERROR SUMMARY line");
-        println!("{name} under helgrind: {summary}");
-        assert!(
-            summary.contains("ERROR SUMMARY: 0 errors"),
-            "{name}: helgrind reports\n{stderr}"
-        );
+        passes_clean_under_valgrind(name, &["--tool=helgrind"], args);
     }
 }
 
