@@ -88,15 +88,7 @@ static void run_migration(PostcopyStandaloneHost *host, MigrationIncomingState *
     CHECK_EQ(postcopy_ram_incoming_setup(mis), -EBUSY); /* twice */
     postcopy_state_set(POSTCOPY_INCOMING_RUNNING);
 
-    src.req_fd = req[1];
-    src.data_fd = data[0];
-    rcv.mis = mis;
-    rcv.host = host;
-    rcv.data_fd = data[1];
-    rcv.bases[0] = bases[0];
-    rcv.bases[1] = bases[1];
-    pthread_create(&src.thread, NULL, source_main, &src);
-    pthread_create(&rcv.thread, NULL, receiver_main, &rcv);
+    CHECK_EQ(start_source_and_receiver(req, data, &src, &rcv, mis, host, bases, 2), 0);
 
     atomic_store(&vcpus_go, 1);
     long distinct = 0, bad = 0;

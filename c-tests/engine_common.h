@@ -139,6 +139,24 @@ static inline void *receiver_main(void *arg)
     return NULL;
 }
 
+/* Starts a source/receiver pair: the source answers requests read from req[1] with pages
+ * written to data[0]; the receiver places what it reads from data[1] into the `nbases`
+ * blocks at `bases`. Returns 0, or pthread_create's error. */
+static inline int start_source_and_receiver(int req[2], int data[2], struct source *src, struct receiver *rcv,
+                                            MigrationIncomingState *mis, PostcopyStandaloneHost *host,
+                                            uint8_t *const *bases, int nbases)
+{
+    src->req_fd = req[1];
+    src->data_fd = data[0];
+    rcv->mis = mis;
+    rcv->host = host;
+    rcv->data_fd = data[1];
+    for (int b = 0; b < nbases; b++)
+        rcv->bases[b] = bases[b];
+    int rc = pthread_create(&src->thread, NULL, source_main, src);
+    return rc ? rc : pthread_create(&rcv->thread, NULL, receiver_main, rcv);
+}
+
 /* Ends a source/receiver pair: shutting the request and data sockets ends both loops;
  * then both threads are joined and all four socket ends closed. */
 static inline void stop_source_and_receiver(int req[2], int data[2], struct source *src, struct receiver *rcv)

@@ -124,15 +124,7 @@ int main(int argc, char **argv)
     CHECK_EQ(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, req), 0);
     CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, data), 0);
     CHECK_EQ(postcopy_standalone_set_request_fd(host, req[0]), 0);
-    src.req_fd = req[1];
-    src.data_fd = data[0];
-    rcv.mis = mis;
-    rcv.host = host;
-    rcv.data_fd = data[1];
-    rcv.bases[0] = bases[0];
-    rcv.bases[1] = bases[1];
-    pthread_create(&src.thread, NULL, source_main, &src);
-    pthread_create(&rcv.thread, NULL, receiver_main, &rcv);
+    CHECK_EQ(start_source_and_receiver(req, data, &src, &rcv, mis, host, bases, 2), 0);
 
     /* The small run. */
     CHECK_EQ(postcopy_ram_incoming_init(mis), 0);

@@ -424,14 +424,7 @@ int main(void)
     CHECK_EQ(postcopy_ram_incoming_setup(mis), 0);
     postcopy_state_set(POSTCOPY_INCOMING_RUNNING);
 
-    src.req_fd = req[1];
-    src.data_fd = data[0];
-    rcv.mis = mis;
-    rcv.host = host;
-    rcv.data_fd = data[1];
-    rcv.bases[0] = base;
-    CHECK_EQ(pthread_create(&src.thread, NULL, source_main, &src), 0);
-    CHECK_EQ(pthread_create(&rcv.thread, NULL, receiver_main, &rcv), 0);
+    CHECK_EQ(start_source_and_receiver(req, data, &src, &rcv, mis, host, &base, 1), 0);
 
     /* Registered while the fault thread runs: polled from now on. */
     for (int i = 0; i < 3; i++) {
