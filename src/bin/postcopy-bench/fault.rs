@@ -7,7 +7,7 @@
 //! UFFDIO_COPY on its own userfaultfd. Same faulting threads, same pages, same warm-up.
 use crate::lib_ctx::{LibCtx, FAULT_THREAD};
 use crate::stats::{latency_percentiles, Goal, Reps, Row};
-use crate::sys::{self, fault_addr, msg_buffer, now_ns, pin, EventFd, Mapping, RawUffd, PAGE};
+use crate::sys::{self, now_ns, pin, EventFd, Mapping, RawUffd, PAGE};
 use crate::Opts;
 use postcopy_ram::ffi::placement::postcopy_place_page;
 use postcopy_ram::ffi::types::RAMBlock;
@@ -325,22 +325,9 @@ impl RawLocal {
 fn raw_handler(uffd: &RawUffd, quit: &EventFd) {
     let mut src = vec![0x5au8; PAGE];
     let src_addr = src.as_mut_ptr() as usize;
-    let mut msgs = msg_buffer(64);
-    let fds = [uffd.raw_fd(), quit.raw_fd()];
-    let mut ready = [false; 2];
-    loop {
-        sys::poll_in(&fds, &mut ready);
-        if ready[1] {
-            return;
-        }
-        let n = uffd.read(&mut msgs);
-        for m in &msgs[..n] {
-            if let Some(addr) = fault_addr(m) {
-                let page = addr as usize & !(PAGE - 1);
-                uffd.copy(page, src_addr, PAGE).expect("UFFDIO_COPY");
-            }
-        }
-    }
+    sys::raw_fault_loop(uffd, quit, |page| {
+        uffd.copy(page, src_addr, PAGE).expect("UFFDIO_COPY");
+    });
 }
 
 /// A library side and a raw side for one configuration of faulting threads.

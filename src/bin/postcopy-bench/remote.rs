@@ -10,7 +10,7 @@
 use crate::fault::{Cpus, Handler, RepResult, Workers};
 use crate::lib_ctx::{LibCtx, FAULT_THREAD};
 use crate::stats::{Goal, Reps, Row};
-use crate::sys::{self, fault_addr, msg_buffer, pin, EventFd, Mapping, RawUffd, PAGE};
+use crate::sys::{self, pin, EventFd, Mapping, RawUffd, PAGE};
 use crate::Opts;
 use postcopy_ram::ffi::placement::postcopy_place_page;
 use postcopy_ram::ffi::types::{MigrationIncomingState, RAMBlock};
@@ -191,22 +191,9 @@ struct RawRemote {
 
 /// The raw request sender: poll + read + one 16-byte write per fault.
 fn raw_requester(u: &RawUffd, quit: &EventFd, fd: i32, base: usize) {
-    let mut msgs = msg_buffer(64);
-    let fds = [u.raw_fd(), quit.raw_fd()];
-    let mut ready = [false; 2];
-    loop {
-        sys::poll_in(&fds, &mut ready);
-        if ready[1] {
-            return;
-        }
-        let n = u.read(&mut msgs);
-        for m in &msgs[..n] {
-            if let Some(addr) = fault_addr(m) {
-                let off = (addr as usize & !(PAGE - 1)) - base;
-                assert_eq!(send_request(fd, off as u64), 0, "request write");
-            }
-        }
-    }
+    sys::raw_fault_loop(u, quit, |page| {
+        assert_eq!(send_request(fd, (page - base) as u64), 0, "request write");
+    });
 }
 
 impl RawRemote {

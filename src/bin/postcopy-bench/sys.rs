@@ -375,6 +375,28 @@ pub fn fault_addr(msg: &raw::uffd_msg) -> Option<u64> {
     Some(unsafe { msg.arg.pagefault.address })
 }
 
+/// The raw baselines' loop, as small as a C handler gets: poll the userfaultfd and `quit`,
+/// read up to 64 messages, call `on_fault` with each faulting page's address; returns when
+/// `quit` is kicked.
+#[inline]
+pub fn raw_fault_loop(uffd: &RawUffd, quit: &EventFd, mut on_fault: impl FnMut(usize)) {
+    let mut msgs = msg_buffer(64);
+    let fds = [uffd.raw_fd(), quit.raw_fd()];
+    let mut ready = [false; 2];
+    loop {
+        poll_in(&fds, &mut ready);
+        if ready[1] {
+            return;
+        }
+        let n = uffd.read(&mut msgs);
+        for m in &msgs[..n] {
+            if let Some(addr) = fault_addr(m) {
+                on_fault(addr as usize & !(PAGE - 1));
+            }
+        }
+    }
+}
+
 pub fn msg_buffer(n: usize) -> Vec<raw::uffd_msg> {
     // SAFETY: uffd_msg is integers and unions of them; all-zero is valid.
     vec![unsafe { std::mem::zeroed::<raw::uffd_msg>() }; n]
