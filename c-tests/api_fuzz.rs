@@ -842,6 +842,27 @@ struct Runner<'a> {
     executed: u64,
 }
 
+/// What postcopy_place_page and postcopy_place_pages refuse before looking at the range,
+/// in the order the library checks: NULL mis or block, unknown context, NULL source, not
+/// set up, a block the host never listed, a misaligned address.
+fn placement_refusal(m: &Model, mis: usize, blk: Blk, addr: Addr, from: From) -> Option<c_int> {
+    if mis == 2 || matches!(blk, Blk::Null) {
+        Some(-libc::EINVAL)
+    } else if !m.ctx[mis] {
+        Some(-libc::ENODEV)
+    } else if matches!(from, From::Null) {
+        Some(-libc::EINVAL)
+    } else if !is_set_up(m, mis) {
+        Some(-libc::ENODEV)
+    } else if matches!(blk, Blk::Bogus) {
+        Some(-libc::EFAULT)
+    } else if matches!(addr, Addr::Misaligned(_)) {
+        Some(-libc::EINVAL)
+    } else {
+        None
+    }
+}
+
 impl Runner<'_> {
     fn pages_of(&self, b: Blk, start: u64, len: u64) -> Option<(usize, std::ops::Range<usize>)> {
         let Blk::B(i) = b else { return None };
@@ -899,18 +920,8 @@ impl Runner<'_> {
         let ok = if m.shared.contains(&1) { WAKER_ERR } else { 0 };
         let inside = matches!(addr, Addr::Page(_));
         let set_up = is_set_up(m, mis);
-        let want: Vec<c_int> = if mis == 2 || matches!(blk, Blk::Null) {
-            vec![-libc::EINVAL]
-        } else if !m.ctx[mis] {
-            vec![-libc::ENODEV]
-        } else if matches!(from, From::Null) {
-            vec![-libc::EINVAL]
-        } else if !set_up {
-            vec![-libc::ENODEV]
-        } else if matches!(blk, Blk::Bogus) {
-            vec![-libc::EFAULT]
-        } else if matches!(addr, Addr::Misaligned(_)) {
-            vec![-libc::EINVAL]
+        let want: Vec<c_int> = if let Some(rc) = placement_refusal(m, mis, blk, addr, from) {
+            vec![rc]
         } else if !inside {
             vec![-libc::EFAULT]
         } else if matches!(from, From::Unreadable) {
@@ -964,18 +975,8 @@ impl Runner<'_> {
                 .is_some_and(|l| l <= fx.bases[i] + BLOCK_PAGES[i] * PAGE - host),
             _ => false,
         };
-        let want: Vec<c_int> = if mis == 2 || matches!(blk, Blk::Null) {
-            vec![-libc::EINVAL]
-        } else if !m.ctx[mis] {
-            vec![-libc::ENODEV]
-        } else if matches!(from, From::Null) {
-            vec![-libc::EINVAL]
-        } else if !set_up {
-            vec![-libc::ENODEV]
-        } else if matches!(blk, Blk::Bogus) {
-            vec![-libc::EFAULT]
-        } else if matches!(addr, Addr::Misaligned(_)) {
-            vec![-libc::EINVAL]
+        let want: Vec<c_int> = if let Some(rc) = placement_refusal(m, mis, blk, addr, from) {
+            vec![rc]
         } else if !matches!(addr, Addr::Page(_)) || !fits {
             vec![-libc::EFAULT]
         } else if npages == 0 {
